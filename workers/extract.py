@@ -1,0 +1,519 @@
+"""Frozen-backbone embeddings for a whole dataset, fast, and cached by content.
+
+The pipeline: DataLoader workers read members, decode and resize+crop them to uint8 HWC arrays
+(a quarter of the bytes of float tensors to move between processes); the main process turns
+each uint8 batch into a normalised float batch in channels_last layout (NHWC bytes seen as NCHW:
+no copy), runs the backbone under torch.inference_mode (autocast on CUDA) and writes the rows
+straight into a memory-mapped .npy in the cache. A result is keyed by a hash of the dataset's
+bytes, the backbone, its weights, the preprocessing and the output kind, so a second job on the
+same data reads the cache instead of extracting again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvxtune.errors import DatasetError, InvalidInput
+from workers.backbones import (
+    Backbone,
+    Preprocessing,
+    check_output,
+    get_spec,
+    load_backbone,
+    weights_id,
+    weights_source,
+)
+from workers.cache import EmbeddingCache, combine, write_json
+from workers.datasets import ImageDataset, ImageError, decode_image, open_dataset, to_model_mode
+
+# Bump when the pipeline's numbers change for the same inputs, so old cache entries are ignored.
+PIPELINE_VERSION = "extract-v1"
+Progress = Callable[[float, float, float], None]
+
+# Defaults measured with bench/extract.py (see bench/README.md).
+DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 128}
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def preprocess(img: Any, pre: Preprocessing) -> np.ndarray:
+    """timm's eval transform (resize shorter side, centre crop) in one PIL resize.
+
+    Returns uint8 (H, W) for grayscale or (H, W, 3). Resizing with a `box` samples exactly the
+    crop of the resized image, so the crop is never computed and then thrown away; grayscale is
+    resized on one channel and expanded to three only when batched.
+    """
+    from PIL import Image
+
+    out_h, out_w = pre.input_size[1:]
+    w, h = img.size
+    scale = pre.resize_to / min(w, h)
+    # torchvision's Resize(int) truncates the longer side.
+    rw, rh = (pre.resize_to, int(h * scale)) if w <= h else (int(w * scale), pre.resize_to)
+    # torchvision's CenterCrop offsets, in resized pixels, mapped back to source pixels.
+    left, top = round((rw - out_w) / 2), round((rh - out_h) / 2)
+    sx, sy = w / rw, h / rh
+    box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}.get(
+        pre.interpolation, Image.BICUBIC
+    )
+    return np.asarray(img.resize((out_w, out_h), resample, box=box))
+
+
+def stack_uint8(arrays: Sequence[np.ndarray], pre: Preprocessing) -> np.ndarray:
+    """(B, H, W, 3) uint8 from per-image (H, W) or (H, W, 3) arrays."""
+    out = np.empty((len(arrays), *pre.input_size[1:], 3), dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        out[i] = a[:, :, None] if a.ndim == 2 else a
+    return out
+
+
+class _Normalizer:
+    """uint8 NHWC batch -> normalised float NCHW in channels_last memory, on `device`."""
+
+    def __init__(self, pre: Preprocessing, device: Any):
+        import torch
+
+        mean = torch.tensor(pre.mean, dtype=torch.float32, device=device)
+        std = torch.tensor(pre.std, dtype=torch.float32, device=device)
+        # (x / 255 - mean) / std == x * scale - shift
+        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
+        self.shift = (mean / std).view(1, 3, 1, 1)
+        self.device = device
+
+    def __call__(self, batch: Any) -> Any:
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return x.float().mul_(self.scale).sub_(self.shift)
+
+
+# ---------------------------------------------------------------- forward
+
+
+def forward(bb: Backbone, x: Any, output: str) -> Any:
+    """One batch through the frozen backbone; returns the requested output in float32."""
+    import torch
+
+    model = bb.model
+    autocast = bb.device.type == "cuda"
+    dtype = torch.bfloat16 if autocast and torch.cuda.is_bf16_supported() else torch.float16
+    with torch.autocast(bb.device.type, dtype=dtype, enabled=autocast):
+        feats = model.forward_features(x)
+        if output == "pooled":
+            out = model.forward_head(feats, pre_logits=True)
+        elif bb.spec.family == "cnn":
+            # (B, C, H, W); tokens are the map's positions, row-major: (B, H*W, C).
+            out = feats if output == "feature_map" else feats.flatten(2).transpose(1, 2)
+        else:
+            # (B, T, d) with the class token first; the map is the patch grid: (B, d, h, w).
+            if output == "tokens":
+                out = feats
+            else:
+                patches = feats[:, getattr(model, "num_prefix_tokens", 1) :]
+                c, h, w = bb.spec.feature_map_shape
+                out = patches.transpose(1, 2).reshape(len(x), c, h, w)
+    return out.float()
+
+
+# ---------------------------------------------------------------- the batched loader
+
+
+class _Batches:
+    """Map-style dataset whose item k is batch k, decoded and stacked (runs in workers)."""
+
+    def __init__(self, ds: ImageDataset, batch_size: int, pre: Preprocessing):
+        self.ds, self.pre = ds, pre
+        n = len(ds)
+        self.bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        self.max_pixels = ds.store.limits.max_image_pixels  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def __getitem__(self, k: int) -> tuple[int, np.ndarray, list[int], dict[int, str]]:
+        start, stop = self.bounds[k]
+        arrays, rows, bad = [], [], {}
+        for i in range(start, stop):
+            name = self.ds.paths[i]
+            try:
+                img = decode_image(self.ds.read_bytes(i), name=name, max_pixels=self.max_pixels)
+                arrays.append(preprocess(img, self.pre))
+                rows.append(i)
+            except ImageError as exc:
+                bad[i] = str(exc)
+            except DatasetError as exc:
+                bad[i] = f"!{exc.message}"  # a bomb: refused whatever the policy
+        return start, stack_uint8(arrays, self.pre), rows, bad
+
+
+def _collate(item: Any) -> Any:
+    import torch
+
+    start, batch, rows, bad = item
+    return start, torch.from_numpy(batch), rows, bad
+
+
+def default_num_workers() -> int:
+    """Decoding processes: measured best on 2 cores is 1 (see bench/README.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // 2))
+
+
+def _loader(batches: _Batches, num_workers: int, pin: bool) -> Iterable[Any]:
+    import multiprocessing
+
+    import torch
+
+    if num_workers > 0 and multiprocessing.current_process().daemon:
+        num_workers = 0  # e.g. inside a daemonic pool process, which may not have children
+    return torch.utils.data.DataLoader(
+        batches,  # type: ignore[arg-type]
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+# ---------------------------------------------------------------- extraction
+
+
+@dataclass
+class Extraction:
+    """Embeddings of a dataset. X rows follow `paths`; y indexes `classes`."""
+
+    X: np.ndarray  # (n, d) | (n, C, H, W) | (n, T, d), float32 (memory-mapped when cached)
+    y: np.ndarray  # (n,) int64
+    classes: list[str]
+    paths: list[str]
+    cache_hit: bool
+    key: str
+    backbone: str = ""
+    output: str = "pooled"
+    weights: str = ""
+    report: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.y) / self.seconds if self.seconds > 0 else math.inf
+
+
+def extraction_key(ds: ImageDataset, backbone: str, wid: str, output: str) -> str:
+    spec = get_spec(backbone)
+    return combine(
+        PIPELINE_VERSION,
+        ds.content_hash(),
+        backbone,
+        wid,
+        spec.preprocessing.fingerprint(),
+        output,
+    )
+
+
+def extract(
+    data: str | os.PathLike | ImageDataset,
+    backbone: str | Backbone,
+    *,
+    output: str = "pooled",
+    cache_dir: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    allow_random: bool = False,
+    allow_download: bool = False,
+    device: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    num_threads: int | None = None,
+    on_bad_image: str = "skip",
+    progress: Progress | None = None,
+) -> Extraction:
+    """Embed every image of a dataset with a frozen backbone.
+
+    data: a dataset path (see workers.datasets.open_dataset) or an open ImageDataset.
+    backbone: a catalogue name, or a Backbone already loaded (its weights decide the key).
+    output: "pooled" (n, d), "feature_map" (n, C, H, W) or "tokens" (n, T, d).
+    cache_dir: where results are kept by content hash; None computes without caching.
+    progress(fraction, images_per_s, eta_s) is called after every batch.
+    Raises WeightsUnavailable, DatasetError (unusable data; bad images under "fail").
+    """
+    check_output(output)
+    name = backbone if isinstance(backbone, str) else backbone.name
+    get_spec(name)
+    ds = data if isinstance(data, ImageDataset) else open_dataset(data, on_bad_image=on_bad_image)
+    try:
+        if isinstance(backbone, Backbone):
+            wid = backbone.weights_id
+        else:
+            src = weights_source(
+                name,
+                weights_dir=weights_dir,
+                allow_random=allow_random,
+                allow_download=allow_download,
+            )
+            wid = weights_id(src, name) if src.kind != "hub-download" else ""
+        key = extraction_key(ds, name, wid, output) if wid else ""
+        cache = EmbeddingCache(cache_dir) if cache_dir is not None and key else None
+        if cache is not None and (hit := _from_cache(cache, key)) is not None:
+            if progress is not None:
+                progress(1.0, math.inf, 0.0)
+            return hit
+        bb = backbone
+        if not isinstance(bb, Backbone):
+            dev = device or ("cuda" if _cuda() else "cpu")
+            bb = load_backbone(
+                name,
+                weights_dir=weights_dir,
+                allow_random=allow_random,
+                allow_download=allow_download,
+                device=dev,
+            )
+            key = key or extraction_key(ds, name, bb.weights_id, output)
+        opts = _RunOptions(output, batch_size, num_workers, num_threads, on_bad_image, progress)
+        return _run(ds, bb, key, cache, opts)
+    finally:
+        if ds is not data:
+            ds.close()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    output: str
+    batch_size: int | None
+    num_workers: int | None
+    num_threads: int | None
+    on_bad_image: str
+    progress: Progress | None
+
+
+def _from_cache(cache: EmbeddingCache, key: str) -> Extraction | None:
+    got = cache.get(key)
+    if got is None:
+        return None
+    X, y, meta = got
+    return Extraction(
+        X=X,
+        y=y,
+        classes=meta["classes"],
+        paths=meta["paths"],
+        cache_hit=True,
+        key=key,
+        backbone=meta["backbone"],
+        output=meta["output"],
+        weights=meta["weights"],
+        report=meta["report"],
+        seconds=meta["seconds"],
+    )
+
+
+def _run(
+    ds: ImageDataset, bb: Backbone, key: str, cache: EmbeddingCache | None, opts: _RunOptions
+) -> Extraction:
+    import torch
+
+    if opts.num_threads:
+        torch.set_num_threads(opts.num_threads)
+    shape = bb.spec.output_shape(opts.output)
+    n = len(ds)
+    if n == 0:
+        raise DatasetError("the dataset has no readable images")
+    tmp = None if cache is not None else Path(tempfile.mkdtemp(prefix="cvxtune-x-"))
+    ctx = cache.writer(key) if cache is not None else _plain_dir(tmp)  # type: ignore[arg-type]
+    with ctx as out_dir:
+        X = np.lib.format.open_memmap(out_dir / "X.npy", "w+", np.float32, (n, *shape))
+        t0 = time.perf_counter()
+        bad = _fill(X, ds, bb, opts)
+        seconds = time.perf_counter() - t0
+        if bad:
+            X = _drop_rows(X, out_dir, sorted(bad))
+            ds.drop(bad)
+        X.flush()
+        y = np.ascontiguousarray(ds.labels, dtype=np.int64)
+        np.save(out_dir / "y.npy", y)
+        meta = {
+            "key": key,
+            "backbone": bb.name,
+            "output": opts.output,
+            "weights": bb.weights_id,
+            "classes": ds.classes,
+            "paths": ds.paths,
+            "report": ds.report,
+            "seconds": seconds,
+            "device": str(bb.device),
+            "pipeline": PIPELINE_VERSION,
+        }
+        write_json(out_dir / "meta.json", meta)
+    if cache is not None:
+        X = np.load(cache.path(key) / "X.npy", mmap_mode="r")
+    else:
+        X = np.array(X)  # into memory; the temporary file goes
+        shutil.rmtree(tmp, ignore_errors=True)  # type: ignore[arg-type]
+    return Extraction(
+        X=X,
+        y=y,
+        classes=list(ds.classes),
+        paths=list(ds.paths),
+        cache_hit=False,
+        key=key,
+        backbone=bb.name,
+        output=opts.output,
+        weights=bb.weights_id,
+        report=ds.report,
+        seconds=seconds,
+    )
+
+
+class _plain_dir:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> dict[int, str]:
+    """Run the loader and the backbone, writing rows of X in place; returns the bad rows."""
+    import torch
+
+    device_kind = bb.device.type
+    batch_size = opts.batch_size or DEFAULT_BATCH_SIZE.get(device_kind, 32)
+    workers = default_num_workers() if opts.num_workers is None else opts.num_workers
+    batches = _Batches(ds, batch_size, bb.spec.preprocessing)
+    normalize = _Normalizer(bb.spec.preprocessing, bb.device)
+    n, done, bad = len(ds), 0, {}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _start, batch, rows, bad_here in _loader(batches, workers, device_kind == "cuda"):
+            for i, reason in bad_here.items():
+                if reason.startswith("!"):
+                    raise DatasetError(reason[1:])
+                if opts.on_bad_image == "fail":
+                    raise DatasetError(f"{ds.paths[i]}: {reason}")
+            bad.update(bad_here)
+            if rows:
+                out = forward(bb, normalize(batch), opts.output).cpu().numpy()
+                if len(rows) == rows[-1] - rows[0] + 1:
+                    X[rows[0] : rows[-1] + 1] = out
+                else:
+                    X[rows] = out
+            done += len(rows) + len(bad_here)
+            if opts.progress is not None:
+                elapsed = time.perf_counter() - t0
+                rate = done / elapsed if elapsed > 0 else 0.0
+                eta = (n - done) / rate if rate > 0 else math.inf
+                opts.progress(done / n, rate, eta)
+    return bad
+
+
+def _drop_rows(X: np.ndarray, out_dir: Path, bad_rows: list[int]) -> np.ndarray:
+    keep = np.setdiff1d(np.arange(len(X)), bad_rows)
+    if len(keep) == 0:
+        raise DatasetError("no image in the dataset could be decoded")
+    path = out_dir / "X.compact.npy"
+    Y = np.lib.format.open_memmap(path, "w+", np.float32, (len(keep), *X.shape[1:]))
+    for s in range(0, len(keep), 4096):
+        Y[s : s + 4096] = X[keep[s : s + 4096]]
+    Y.flush()
+    del X
+    os.replace(path, out_dir / "X.npy")
+    return np.load(out_dir / "X.npy", mmap_mode="r+")
+
+
+# ---------------------------------------------------------------- in-memory images
+
+
+def embed_images(
+    bb: Backbone,
+    images: Sequence[Any],
+    *,
+    output: str = "pooled",
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Embed in-memory images (PIL images, encoded bytes or uint8 HxW[x3] arrays).
+
+    For online prediction: decoding happens here, in the caller's thread. Raises InvalidInput
+    naming the index of an image that cannot be decoded.
+    """
+    import torch
+    from PIL import Image
+
+    check_output(output)
+    pre = bb.spec.preprocessing
+    normalize = _Normalizer(pre, bb.device)
+    arrays = []
+    for k, item in enumerate(images):
+        try:
+            if isinstance(item, (bytes, bytearray, memoryview)):
+                img = decode_image(bytes(item), name=f"image {k}")
+            elif isinstance(item, np.ndarray):
+                img = Image.fromarray(item)
+            else:
+                img = item
+            arrays.append(preprocess(to_model_mode(img), pre))
+        except ImageError as exc:
+            raise InvalidInput(f"image {k}: {exc}") from exc
+    out = np.empty((len(arrays), *bb.spec.output_shape(output)), dtype=np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(arrays), batch_size):
+            batch = torch.from_numpy(stack_uint8(arrays[s : s + batch_size], pre))
+            out[s : s + len(batch)] = forward(bb, normalize(batch), output).cpu().numpy()
+    return out
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read an embeddings file written by `save_npz` (no pickle)."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def save_npz(path: str | os.PathLike, result: Extraction) -> Path:
+    """Write X, y, classes, paths to an .npz atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                X=np.asarray(result.X, dtype=np.float32),
+                y=np.asarray(result.y, dtype=np.int64),
+                classes=np.array(result.classes, dtype=str),
+                paths=np.array(result.paths, dtype=str),
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+__all__ = [
+    "Extraction",
+    "embed_images",
+    "extract",
+    "extraction_key",
+    "forward",
+    "load_npz",
+    "preprocess",
+    "save_npz",
+]
