@@ -1,0 +1,61 @@
+"""Request dependencies as Annotated aliases. Everything comes from `app.state.ctx`, built once
+per app by `create_app`, so a test builds an app with its own settings or overrides these."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.auth import project_for_key
+from app.problems import Unauthorized
+from cvxtune.artifacts import ArtifactStore
+from cvxtune.db import Project
+from cvxtune.settings import Settings
+
+
+@dataclass
+class Context:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+    queue: Any  # app.queue.TaskQueue, or a test double with the same methods
+    serving: Any  # app.serving.Serving
+
+
+def get_ctx(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+CtxDep = Annotated[Context, Depends(get_ctx)]
+
+
+def get_session(ctx: CtxDep) -> Iterator[Session]:
+    with ctx.sessions() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_project(request: Request, session: SessionDep) -> Project:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("missing API key: send 'Authorization: Bearer KEY'")
+    project = project_for_key(session, key.strip())
+    if project is None:
+        raise Unauthorized("unknown or revoked API key")
+    return project
+
+
+ProjectDep = Annotated[Project, Depends(get_project)]

@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+
+from app import uploads
+from app.deps import CtxDep, ProjectDep, SessionDep
+from app.routes.common import get_owned, paginate
+from app.routes.predictions import to_public as prediction_public
+from app.schemas import (
+    BatchPredictionCreate,
+    BatchPredictionPublic,
+    HeadPublic,
+    Page,
+    PredictEmbeddings,
+    PredictResponse,
+)
+from cvxtune.contracts import JobState
+from cvxtune.db import Dataset, Head, Prediction, new_id, utcnow
+from cvxtune.errors import InvalidInput, NotFound
+
+router = APIRouter(prefix="/v1/heads", tags=["heads"])
+
+MAX_PREDICT_BYTES = 64 * 1024**2
+MAX_PREDICT_FILES = 256
+
+
+@router.get("", response_model=Page[HeadPublic])
+def list_heads(
+    project: ProjectDep, session: SessionDep, cursor: str | None = None, limit: int = 50
+) -> dict[str, Any]:
+    rows, nxt = paginate(session, Head, project.id, cursor, limit)
+    return {"data": rows, "next_cursor": nxt}
+
+
+@router.get("/{head_id}", response_model=HeadPublic)
+def get_head(head_id: str, project: ProjectDep, session: SessionDep) -> Head:
+    return get_owned(session, Head, head_id, project.id, "head")
+
+
+@router.delete("/{head_id}", status_code=204)
+def delete_head(head_id: str, ctx: CtxDep, project: ProjectDep, session: SessionDep) -> Response:
+    head = get_owned(session, Head, head_id, project.id, "head")
+    session.delete(head)
+    session.commit()
+    ctx.serving.forget_head(head_id)
+    ctx.store.delete(head.artifact_key)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{head_id}/weights",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_weights(
+    head_id: str, ctx: CtxDep, project: ProjectDep, session: SessionDep
+) -> FileResponse:
+    """The head's weights as safetensors (the metadata JSON is in GET /v1/heads/{id})."""
+    head = get_owned(session, Head, head_id, project.id, "head")
+    files = sorted(ctx.store.local_path(head.artifact_key).glob("*.safetensors"))
+    if not files:
+        raise NotFound(f"head {head_id} has no weights file")
+    return FileResponse(
+        files[0], media_type="application/octet-stream", filename=f"{head_id}.safetensors"
+    )
+
+
+@router.post(
+    "/{head_id}/predict",
+    response_model=PredictResponse,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": PredictEmbeddings.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "files": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                            }
+                        },
+                    }
+                },
+            }
+        }
+    },
+)
+async def predict(
+    head_id: str, request: Request, ctx: CtxDep, project: ProjectDep, session: SessionDep
+) -> dict[str, Any]:
+    """Images as multipart field `files` (one or more), or JSON {"embeddings": [[...], ...]}."""
+    head = get_owned(session, Head, head_id, project.id, "head")
+    head_dir = ctx.store.local_path(head.artifact_key)
+    classes, backbone = list(head.classes), head.backbone
+    session.close()  # do not hold a connection while the model runs
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        try:
+            body = PredictEmbeddings.model_validate_json(await request.body())
+        except ValueError as e:
+            raise InvalidInput(f'body must be {{"embeddings": [[...], ...]}}: {e}') from e
+        X = np.asarray(body.embeddings, dtype=np.float32) if body.embeddings else None
+        if X is None or X.ndim != 2:
+            raise InvalidInput("embeddings must be a list of equally long lists of numbers")
+        preds = await ctx.serving.predict_embeddings(head_id, head_dir, classes, X)
+    else:
+        if backbone is None:
+            raise InvalidInput(
+                "this head was fitted on embeddings without a backbone; "
+                'send {"embeddings": ...} instead of images'
+            )
+        up = await uploads.receive(
+            request, ctx.settings.uploads_dir, MAX_PREDICT_BYTES, max_files=MAX_PREDICT_FILES
+        )
+        try:
+            images = [f.path.read_bytes() for f in up.files if f.field == "files"]
+        finally:
+            up.cleanup()
+        if not images:
+            raise InvalidInput("send one or more images as multipart field 'files'")
+        preds = await ctx.serving.predict_images(head_id, head_dir, classes, backbone, images)
+    return {"head_id": head_id, "predictions": preds}
+
+
+@router.post("/{head_id}/predictions", status_code=202, response_model=BatchPredictionPublic)
+def create_batch_prediction(
+    head_id: str, body: BatchPredictionCreate, ctx: CtxDep, project: ProjectDep, session: SessionDep
+) -> dict[str, Any]:
+    """Predict every sample of a stored dataset as a job; GET /v1/predictions/{id} for results."""
+    head = get_owned(session, Head, head_id, project.id, "head")
+    ds = get_owned(session, Dataset, body.dataset_id, project.id, "dataset")
+    if ds.kind == "images" and head.backbone is None:
+        raise InvalidInput("this head has no backbone, so it can only predict feature datasets")
+    pred = Prediction(
+        id=new_id("pr"),
+        project_id=project.id,
+        head_id=head.id,
+        dataset_id=ds.id,
+        state=JobState.queued,
+        progress=0.0,
+        attempts=0,
+        summary={},
+    )
+    session.add(pred)
+    session.commit()
+    try:
+        ctx.queue.send_batch_prediction(pred.id)
+    except Exception:
+        pred.state, pred.error_code, pred.finished_at = (
+            JobState.failed,
+            "broker_unavailable",
+            utcnow(),
+        )
+        pred.error_message = "the job could not be queued"
+        session.commit()
+        raise
+    return prediction_public(pred, None)

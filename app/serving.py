@@ -1,0 +1,58 @@
+"""The API's handle on online serving, which lives in workers.serving.
+
+Prediction needs a backbone and a head in memory, in the process that answers the request:
+another hop (a queue or a second server) would add more latency than the batching saves. So the
+API imports workers.serving, the one worker module built for this (see pyproject's contract);
+it is imported lazily so that the API starts, and serves everything else, without torch loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from cvxtune.settings import Settings
+
+
+class Serving:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._server: Any = None
+
+    @property
+    def server(self) -> Any:
+        if self._server is None:
+            from workers.serving import Server
+
+            s = self.settings
+            self._server = Server(
+                weights_dir=s.weights_dir,
+                allow_random=s.allow_random_weights,
+                max_heads=s.serving_max_heads,
+                max_backbones=s.serving_max_backbones,
+                max_batch=s.serving_max_batch,
+                max_wait_ms=s.serving_max_wait_ms,
+            )
+        return self._server
+
+    async def predict_embeddings(
+        self, head_id: str, head_dir: Path, classes: list[str], X: np.ndarray
+    ) -> list[dict[str, Any]]:
+        head = await run_in_threadpool(self.server.head, head_id, head_dir, classes)
+        return await run_in_threadpool(self.server.predict_embeddings, head, X)
+
+    async def predict_images(
+        self, head_id: str, head_dir: Path, classes: list[str], backbone: str, images: list[bytes]
+    ) -> list[dict[str, Any]]:
+        head = await run_in_threadpool(self.server.head, head_id, head_dir, classes)
+        future = await run_in_threadpool(self.server.embed_images, backbone, images)
+        Z = await asyncio.wrap_future(future)
+        return await run_in_threadpool(self.server.predict_embeddings, head, Z)
+
+    def forget_head(self, head_id: str) -> None:
+        if self._server is not None:
+            self._server.forget_head(head_id)

@@ -1,0 +1,78 @@
+"""Service settings, read from the environment (prefix CVXTUNE_) through one cached getter.
+
+Everything the API and the workers need to find each other lives here: the metadata database,
+the broker, the artifact store and the data directory that holds the embedded defaults. With no
+variables set, everything lives under `data_dir` and needs neither Redis nor Docker.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CVXTUNE_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".cvxtune")
+    # Empty means "the embedded default under data_dir" (see the properties below).
+    database_url: str = ""
+    broker_url: str = ""
+    artifacts_url: str = ""
+    # One queue per deployment; tests use their own so they never meet another run's tasks.
+    queue: str = "cvxtune"
+    weights_dir: Path | None = None
+    # MobileNetV3 and ViT have no offline weights here; random weights are for development only.
+    allow_random_weights: bool = False
+
+    max_upload_bytes: int = 2 * 1024**3
+    # What an uploaded archive may expand to, and the smallest class allowed.
+    max_archive_bytes: int = 8 * 1024**3
+    min_samples_per_class: int = 2
+
+    # Celery: a task must finish well before the broker re-delivers it (visibility timeout).
+    task_time_limit_s: int = 3 * 3600
+    visibility_timeout_s: int = 4 * 3600
+    max_deliveries: int = 8
+    worker_concurrency: int = 1
+
+    # Online serving: how many heads and backbones stay loaded, and the micro-batching window.
+    serving_max_heads: int = 64
+    serving_max_backbones: int = 2
+    serving_max_batch: int = 32
+    serving_max_wait_ms: float = 5.0
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'cvxtune.sqlite3'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite3'}"
+
+    @property
+    def resolved_artifacts_url(self) -> str:
+        return self.artifacts_url or f"file://{self.data_dir / 'artifacts'}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("sqla+")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings; tests call `get_settings.cache_clear()` after changing the env."""
+    s = Settings()
+    s.data_dir = s.data_dir.expanduser().resolve()
+    return s

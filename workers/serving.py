@@ -1,0 +1,229 @@
+"""Online prediction: backbones and heads kept loaded, requests batched dynamically.
+
+Heads are small (kilobytes to megabytes) and load in milliseconds, so many share one loaded
+backbone. Concurrent image requests for the same backbone are queued for at most `max_wait_ms`
+and run through the backbone as one batch: on a GPU a batch costs little more than one image.
+The API process owns one `Server`; nothing here knows about HTTP or the database.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from cvxtune.errors import InvalidInput
+
+log = logging.getLogger("cvxtune.serving")
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LRU(Generic[K, V]):
+    """A bounded, thread-safe cache; `get_or_load` loads outside the lock, once per key."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, capacity)
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[K, threading.Lock] = {}
+
+    def get_or_load(self, key: K, load: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            value = load()
+            with self._lock:
+                self._items[key] = value
+                self._loading.pop(key, None)
+                while len(self._items) > self.capacity:
+                    old, _ = self._items.popitem(last=False)
+                    log.info("evicted %s from the serving cache", old)
+            return value
+
+    def discard(self, key: K) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def decode_image(data: bytes) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InvalidInput("a file is not a readable image (JPEG, PNG, ...)") from e
+    return img.convert("RGB")
+
+
+@dataclass
+class _Request:
+    images: list[Any]
+    future: Future[np.ndarray]
+
+
+class Batcher:
+    """One thread per loaded backbone: drains the queue into batches of at most `max_batch`."""
+
+    def __init__(
+        self,
+        backbone: Any,
+        embed: Callable[[Any, list[Any]], np.ndarray],
+        max_batch: int,
+        max_wait_s: float,
+    ):
+        self.backbone, self.embed = backbone, embed
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.queue: queue.Queue[_Request | None] = queue.Queue()
+        self.batches = 0
+        self.thread = threading.Thread(target=self._run, daemon=True, name="cvxtune-batcher")
+        self.thread.start()
+
+    def submit(self, images: list[Any]) -> Future[np.ndarray]:
+        fut: Future[np.ndarray] = Future()
+        self.queue.put(_Request(images, fut))
+        return fut
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def _collect(self, first: _Request) -> list[_Request]:
+        import time
+
+        batch, n = [first], len(first.images)
+        deadline = time.monotonic() + self.max_wait_s
+        while n < self.max_batch:
+            timeout = deadline - time.monotonic()
+            try:
+                item = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.queue.put(None)
+                break
+            batch.append(item)
+            n += len(item.images)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch = self._collect(first)
+            images = [im for r in batch for im in r.images]
+            try:
+                Z = self.embed(self.backbone, images)
+                self.batches += 1
+            except BaseException as e:  # every waiting request learns why
+                for r in batch:
+                    r.future.set_exception(e)
+                continue
+            start = 0
+            for r in batch:
+                r.future.set_result(Z[start : start + len(r.images)])
+                start += len(r.images)
+
+
+@dataclass
+class LoadedHead:
+    model: Any
+    classes: list[str]  # names, in the order of the model's label indices
+    n_features: int
+
+
+class Server:
+    def __init__(
+        self,
+        *,
+        weights_dir: Path | None = None,
+        allow_random: bool = False,
+        max_heads: int = 64,
+        max_backbones: int = 2,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        device: str = "cpu",
+    ):
+        self.weights_dir, self.allow_random, self.device = weights_dir, allow_random, device
+        self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
+        self.heads: LRU[str, LoadedHead] = LRU(max_heads)
+        self.backbones: LRU[str, Batcher] = LRU(max_backbones)
+
+    # ---- heads
+    def head(self, head_id: str, head_dir: Path, classes: list[str]) -> LoadedHead:
+        def load() -> LoadedHead:
+            from solver import ConvexMLPClassifier
+
+            model = ConvexMLPClassifier.load(head_dir)
+            n_features = int(getattr(model, "n_features_in_", 0) or 0)
+            return LoadedHead(model, classes, n_features)
+
+        return self.heads.get_or_load(head_id, load)
+
+    def forget_head(self, head_id: str) -> None:
+        self.heads.discard(head_id)
+
+    def predict_embeddings(self, head: LoadedHead, X: np.ndarray) -> list[dict[str, Any]]:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2 or (head.n_features and X.shape[1] != head.n_features):
+            want = head.n_features or "the head's"
+            raise InvalidInput(f"embeddings must have {want} dimensions, got shape {list(X.shape)}")
+        if not np.isfinite(X).all():
+            raise InvalidInput("embeddings contain NaN or infinite values")
+        proba = np.asarray(head.model.predict_proba(X), dtype=np.float64)
+        label_idx = [int(c) for c in np.asarray(head.model.classes_).tolist()]
+        names = [head.classes[i] for i in label_idx]
+        out = []
+        for row in proba:
+            probs = {names[j]: round(float(p), 6) for j, p in enumerate(row)}
+            out.append({"label": names[int(np.argmax(row))], "probabilities": probs})
+        return out
+
+    # ---- backbones
+    def _batcher(self, backbone: str) -> Batcher:
+        def load() -> Batcher:
+            from workers.backbones import load_backbone
+            from workers.extract import embed_images
+
+            bb = load_backbone(
+                backbone,
+                weights_dir=self.weights_dir,
+                allow_random=self.allow_random,
+                device=self.device,
+            )
+
+            def embed(b: Any, images: list[Any]) -> np.ndarray:
+                return np.asarray(embed_images(b, images, output="pooled"), dtype=np.float32)
+
+            return Batcher(bb, embed, self.max_batch, self.max_wait_s)
+
+        return self.backbones.get_or_load(backbone, load)
+
+    def embed_images(self, backbone: str, images: list[bytes]) -> Future[np.ndarray]:
+        """Decode and queue images for the backbone's batcher; the future holds embeddings."""
+        decoded = [decode_image(b) for b in images]
+        return self._batcher(backbone).submit(decoded)
+
+    def warm(self, backbone: str) -> None:
+        self._batcher(backbone)
