@@ -1,0 +1,383 @@
+"""ConvexMLPRegressor and ConvexMLPClassifier: two-layer (gated) ReLU heads as convex programs.
+
+Objective, with Z = [X, 1] when ``fit_intercept`` (else Z = X), fixed gates g_i and patterns
+D_i = diag(1[Z g_i >= 0]), weights W_i of shape (n_features [+1], n_outputs) and an
+unpenalized output bias b:
+
+    squared:        1/(2n) || sum_i D_i Z W_i + 1 b^T - Y ||_F^2  +  lam * sum_i ||W_i||
+    cross_entropy:  1/n sum_j CE(softmax(row j of sum_i D_i Z W_i + 1 b^T), y_j)  +  lam * sum_i ||W_i||
+
+||.|| is the nuclear norm (``penalty="nuclear"``: exactly the weight decay
+lam/2 (||W1||^2 + ||W2||^2) of the recovered gated network) or the Frobenius norm
+(``penalty="frobenius"``: a group lasso, cheaper, a relaxation when n_outputs > 1).
+For the classifier with the squared loss, Y is the one-hot encoding of y.
+
+The fit stops when the relative duality gap (primal - dual) / primal, computed from a dual
+point built from the residual and checked on every gate, is at most ``tol``; the returned
+``duality_gap_`` is that certificate. If ``max_iter`` iterations come first, a
+ConvergenceWarning is issued and ``duality_gap_`` says how far the result is from certified.
+Inputs are used as given; no centering or scaling happens inside.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .losses import LOSSES
+from .network import factor_blocks, gated_network
+from .operator import GatedOperator
+from .patterns import compute_patterns, sample_gates, unique_patterns
+from .penalties import PENALTIES
+from .problem import Problem, certificate
+from .workingset import solve
+
+Progress = Callable[[float, dict[str, Any]], None]
+
+
+class ConvergenceWarning(UserWarning):
+    """The solver stopped at max_iter before the duality gap reached tol."""
+
+
+def _as_tensor(X: Any) -> torch.Tensor:
+    if isinstance(X, torch.Tensor):
+        T = X
+    else:
+        T = torch.as_tensor(np.asarray(X))
+    if not torch.is_floating_point(T):
+        T = T.to(torch.float64)
+    if T.ndim != 2:
+        raise ValueError(f"X must be 2-dimensional (n_samples, n_features), got shape {tuple(T.shape)}")
+    if not bool(torch.isfinite(T).all()):
+        raise ValueError("X contains NaN or infinite values")
+    return T
+
+
+class _ConvexMLP:
+    _estimator_type = "regressor"
+    _default_loss = "squared"
+
+    def __init__(
+        self,
+        activation: str = "gated_relu",
+        gates: int | Any = 128,
+        lam: float | str = 1e-3,
+        penalty: str = "nuclear",
+        loss: str | None = None,
+        fit_intercept: bool = True,
+        tol: float = 1e-6,
+        max_iter: int = 5000,
+        random_state: int | None = None,
+        working_set: bool = True,
+        n_lams: int = 12,
+        lam_min_ratio: float = 1e-3,
+        validation_fraction: float = 0.2,
+        pricing_gates: int = 256,
+    ):
+        self.activation = activation
+        self.gates = gates
+        self.lam = lam
+        self.penalty = penalty
+        self.loss = loss
+        self.fit_intercept = fit_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.working_set = working_set
+        self.n_lams = n_lams
+        self.lam_min_ratio = lam_min_ratio
+        self.validation_fraction = validation_fraction
+        self.pricing_gates = pricing_gates
+
+    # -- parameters ---------------------------------------------------------------------------
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        names = self.__init__.__code__.co_varnames[1 : self.__init__.__code__.co_argcount]
+        return {k: getattr(self, k) for k in names}
+
+    def set_params(self, **params: Any) -> _ConvexMLP:
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    def _check_params(self) -> None:
+        if self.activation not in {"gated_relu", "relu"}:
+            raise ValueError(f"activation must be 'gated_relu' or 'relu', got {self.activation!r}")
+        if self.activation == "relu":
+            raise NotImplementedError(
+                "activation='relu' (cone-constrained exact ReLU) is not available yet; "
+                "use activation='gated_relu'"
+            )
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {self.penalty!r}")
+        if self._loss_name() not in self._allowed_losses():
+            raise ValueError(f"loss must be one of {self._allowed_losses()}, got {self.loss!r}")
+        if not (isinstance(self.lam, str) and self.lam == "auto"):
+            if not isinstance(self.lam, (int, float)) or not self.lam >= 0:
+                raise ValueError(f"lam must be a non-negative number or 'auto', got {self.lam!r}")
+        if not self.tol > 0:
+            raise ValueError("tol must be positive")
+
+    def _loss_name(self) -> str:
+        return self.loss or self._default_loss
+
+    def _allowed_losses(self) -> tuple[str, ...]:
+        return ("squared",)
+
+    # -- data ---------------------------------------------------------------------------------
+    def _augment(self, X: torch.Tensor) -> torch.Tensor:
+        if not self.fit_intercept:
+            return X
+        return torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], dim=1)
+
+    def _targets(self, y: Any, X: torch.Tensor) -> torch.Tensor:
+        Y = torch.as_tensor(np.asarray(y), dtype=X.dtype).to(X.device)
+        return Y.reshape(-1, 1) if Y.ndim == 1 else Y
+
+    def _gates_for(self, Z: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.gates, (int, np.integer)):
+            if self.gates < 1:
+                raise ValueError("gates must be a positive integer or an array of gate vectors")
+            gen = torch.Generator().manual_seed(
+                self.random_state if self.random_state is not None else int(np.random.randint(2**31))
+            )
+            return sample_gates(Z, int(self.gates), gen, anchored=self.fit_intercept)
+        G = torch.as_tensor(np.asarray(self.gates) if not isinstance(self.gates, torch.Tensor) else self.gates)
+        G = G.to(device=Z.device, dtype=Z.dtype)
+        d = Z.shape[1] - int(self.fit_intercept)
+        if G.ndim != 2 or G.shape[0] not in {d, Z.shape[1]}:
+            raise ValueError(f"gates must have shape (n_features, p) = ({d}, p), got {tuple(G.shape)}")
+        if G.shape[0] == d and self.fit_intercept:
+            G = torch.cat([G, torch.zeros(1, G.shape[1], dtype=G.dtype, device=G.device)])
+        return G
+
+    # -- fitting ------------------------------------------------------------------------------
+    def fit(self, X: Any, y: Any, *, progress: Progress | None = None) -> _ConvexMLP:
+        """Fit the head. ``progress(fraction, info)`` is called as the solver goes."""
+        self._check_params()
+        Xt = _as_tensor(X)
+        Y = self._targets(y, Xt)
+        if Y.shape[0] != Xt.shape[0]:
+            raise ValueError(f"X has {Xt.shape[0]} samples but y has {Y.shape[0]}")
+        self.n_features_in_ = Xt.shape[1]
+        Z = self._augment(Xt)
+        G = self._gates_for(Z)
+        masks = compute_patterns(Z, G)
+        keep = unique_patterns(masks)
+        self.gates_ = G[:, keep]
+        masks = masks[:, keep]
+        loss = LOSSES[self._loss_name()]()
+        pen = PENALTIES[self.penalty]()
+        self.lam_max_ = lam_max(Z, masks, Y, loss, pen, self.fit_intercept)
+        if self.lam == "auto":
+            self.lam_, self.path_ = self._choose_lam(Z, masks, Y, loss, pen, progress)
+        else:
+            self.lam_ = float(self.lam)
+        problem = Problem(GatedOperator(Z, masks), Y, loss, pen, self.lam_, self.fit_intercept)
+        W0 = getattr(self, "_warm_W", None)
+        W = W0 if W0 is not None else Z.new_zeros(masks.shape[1], Z.shape[1], Y.shape[1])
+        b = problem.zero_bias()
+        res = solve(
+            problem, W, b, tol=self.tol, max_iter=self.max_iter, working_set=self.working_set,
+            callback=_progress_adapter(progress, self.tol),
+        )
+        self._warm_W = None
+        self.weights_ = res.W
+        self.intercept_ = res.b if self.fit_intercept else torch.zeros_like(res.b)
+        self.objective_ = res.cert.primal
+        self.duality_gap_ = res.cert.gap
+        self.n_iter_ = res.n_iter
+        self.converged_ = res.converged
+        self._set_neurons()
+        self.pricing_violation_ = self._pricing(Z, Y, problem, res.W, res.b)
+        if not res.converged:
+            warnings.warn(
+                f"stopped after {res.n_iter} iterations with relative duality gap "
+                f"{res.cert.gap:.2e} > tol={self.tol:.0e}; raise max_iter or tol",
+                ConvergenceWarning, stacklevel=2,
+            )
+        if progress is not None:
+            progress(1.0, {"gap": self.duality_gap_, "objective": self.objective_})
+        return self
+
+    def _set_neurons(self) -> None:
+        owner, U, V = factor_blocks(self.weights_)
+        self._neurons = (owner, U, V)
+        self.n_neurons_ = int(owner.numel())
+
+    def _choose_lam(self, Z, masks, Y, loss, pen, progress):
+        """Geometric path from lam_max down, warm-started; pick the best validation score."""
+        n = Z.shape[0]
+        gen = torch.Generator().manual_seed(0 if self.random_state is None else self.random_state)
+        perm = torch.randperm(n, generator=gen).to(Z.device)
+        n_val = max(1, int(round(self.validation_fraction * n)))
+        val, tr = perm[:n_val], perm[n_val:]
+        lam_hi = self.lam_max_ if self.lam_max_ > 0 else 1.0
+        lams = lam_hi * np.geomspace(1.0, self.lam_min_ratio, self.n_lams)
+        op = GatedOperator(Z[tr], masks[tr])
+        W = Z.new_zeros(masks.shape[1], Z.shape[1], Y.shape[1])
+        b = torch.zeros(Y.shape[1], dtype=Z.dtype, device=Z.device)
+        path, best = [], (-math.inf, None, None)
+        for k, lam in enumerate(lams):
+            prob = Problem(op, Y[tr], loss, pen, float(lam), self.fit_intercept)
+            res = solve(prob, W, b, tol=max(self.tol, 1e-4), max_iter=self.max_iter,
+                        working_set=self.working_set)
+            W, b = res.W.to(Z.dtype), res.b.to(Z.dtype)
+            F = GatedOperator(Z[val], masks[val]).matvec(W) + b
+            score = self._validation_score(F, Y[val])
+            path.append({"lam": float(lam), "validation_score": score, "objective": res.cert.primal,
+                         "duality_gap": res.cert.gap})
+            if score > best[0] + 1e-12:
+                best = (score, float(lam), W)
+            if progress is not None:
+                progress(0.8 * (k + 1) / len(lams), {"stage": "lam_path", "lam": float(lam)})
+        self._warm_W = best[2]
+        return best[1], path
+
+    def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
+        ss_res = float((F - Y).square().sum())
+        ss_tot = float((Y - Y.mean(dim=0)).square().sum())
+        return 1.0 - ss_res / ss_tot if ss_tot > 0 else -ss_res
+
+    def _pricing(self, Z, Y, problem, W, b) -> float:
+        """Largest dual-constraint ratio ||A_g^T theta|| / lam over fresh random gates.
+
+        A value above 1 means the sampled program misses patterns that would lower the
+        objective of the full (all-patterns) program; at or below 1 none of the fresh gates does.
+        """
+        if self.pricing_gates <= 0 or problem.lam <= 0:
+            return float("nan")
+        gen = torch.Generator().manual_seed(10_007 + (self.random_state or 0))
+        G = sample_gates(Z, self.pricing_gates, gen, anchored=self.fit_intercept)
+        op = GatedOperator(Z, compute_patterns(Z, G))
+        F = problem.op.matvec(W.to(Z.dtype)) + b.to(Z.dtype)
+        theta = -problem.loss.grad(F, Y)
+        return float(problem.penalty.dual_norms(op.rmatvec(theta)).max()) / problem.lam
+
+    # -- prediction ---------------------------------------------------------------------------
+    def decision_function(self, X: Any) -> torch.Tensor:
+        """Model outputs sum_i D_i Z W_i + b, shape (n, n_outputs), as a tensor."""
+        self._check_fitted()
+        Xt = _as_tensor(X).to(device=self.weights_.device, dtype=self.weights_.dtype)
+        if Xt.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {Xt.shape[1]} features, the head was fitted on {self.n_features_in_}")
+        Z = self._augment(Xt)
+        masks = compute_patterns(Z.to(self.gates_.dtype), self.gates_)
+        return GatedOperator(Z, masks).matvec(self.weights_) + self.intercept_
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "weights_"):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
+
+    def predict(self, X: Any) -> np.ndarray:
+        F = self.decision_function(X).cpu().numpy()
+        return F[:, 0] if F.shape[1] == 1 else F
+
+    def score(self, X: Any, y: Any) -> float:
+        F = self.decision_function(X)
+        return self._validation_score(F, self._targets(y, F))
+
+    # -- export -------------------------------------------------------------------------------
+    def to_torch(self) -> torch.nn.Module:
+        """The gated ReLU network (zero neurons pruned) with the same outputs as decision_function."""
+        self._check_fitted()
+        owner, U, V = self._neurons
+        return gated_network(self.gates_[:, owner], U, V, self.intercept_, self.fit_intercept)
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted head to directory ``path``: tensors.safetensors + head.json."""
+        from .io import save_head
+
+        self._check_fitted()
+        save_head(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> _ConvexMLP:
+        from .io import load_head
+
+        return load_head(Path(path), cls)
+
+
+class ConvexMLPRegressor(_ConvexMLP):
+    __doc__ = "Convex two-layer (gated) ReLU regressor.\n" + (__doc__ or "")
+
+
+class ConvexMLPClassifier(_ConvexMLP):
+    __doc__ = "Convex two-layer (gated) ReLU classifier.\n" + (__doc__ or "")
+    _estimator_type = "classifier"
+    _default_loss = "cross_entropy"
+
+    def _allowed_losses(self) -> tuple[str, ...]:
+        return ("squared", "cross_entropy")
+
+    def _targets(self, y: Any, X: torch.Tensor) -> torch.Tensor:
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise ValueError("y must be a 1-d array of class labels")
+        classes = self.classes_
+        idx = np.minimum(np.searchsorted(classes, y), len(classes) - 1)
+        if np.any(classes[idx] != y):
+            raise ValueError("y has labels the classifier was not fitted on")
+        Y = torch.zeros(len(y), len(classes), dtype=X.dtype, device=X.device)
+        Y[torch.arange(len(y)), torch.as_tensor(idx)] = 1.0
+        return Y
+
+    def fit(self, X: Any, y: Any, *, progress: Progress | None = None) -> ConvexMLPClassifier:
+        classes = np.unique(np.asarray(y))
+        if classes.size < 2:
+            raise ValueError(f"a classifier needs at least 2 classes in y, got {classes.size}")
+        self.classes_ = classes
+        super().fit(X, y, progress=progress)
+        return self
+
+    def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
+        return float((F.argmax(dim=1) == Y.argmax(dim=1)).to(torch.float64).mean())
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Softmax of the outputs (cross-entropy); for the squared loss, the outputs clipped to
+        [0, 1] and renormalised, which is only a score."""
+        F = self.decision_function(X)
+        if self._loss_name() == "cross_entropy":
+            P = torch.softmax(F, dim=1)
+        else:
+            P = F.clamp(0, 1) + 1e-12
+            P = P / P.sum(dim=1, keepdim=True)
+        return P.cpu().numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[self.decision_function(X).argmax(dim=1).cpu().numpy()]
+
+    def score(self, X: Any, y: Any) -> float:
+        return float(np.mean(self.predict(X) == np.asarray(y)))
+
+
+def lam_max(Z, masks, Y, loss, pen, fit_bias: bool) -> float:
+    """Smallest lam whose solution is W = 0: max_i ||(D_i Z)^T theta_0||_dual, theta_0 = -grad f
+    at W = 0 (with the optimal bias when one is fitted)."""
+    b = torch.zeros(Y.shape[1], dtype=Z.dtype, device=Z.device)
+    F = torch.zeros_like(Y)
+    if fit_bias:
+        b = loss.optimal_bias(F, Y, b)
+    theta = -loss.grad(F + b, Y)
+    norms = pen.dual_norms(GatedOperator(Z, masks).rmatvec(theta))
+    return float(norms.max()) if norms.numel() else 0.0
+
+
+def _progress_adapter(progress: Progress | None, tol: float):
+    if progress is None:
+        return None
+
+    def cb(it: int, cert) -> None:
+        # Progress in log-gap space: 0 at a gap of 1, 1 at the target tol.
+        frac = math.log(max(cert.gap, tol)) / math.log(tol) if cert.gap < 1 else 0.0
+        progress(min(0.99, max(0.0, frac)), {"iteration": it, "gap": cert.gap, "objective": cert.primal})
+
+    return cb
+
+
+__all__ = ["ConvergenceWarning", "ConvexMLPClassifier", "ConvexMLPRegressor", "lam_max"]

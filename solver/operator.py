@@ -1,0 +1,85 @@
+"""The gated operator A(W) = sum_i D_i X W_i and its adjoint, chunked over gates.
+
+Weights have shape (p, d, c): one (d, c) block per gate. Work is done in chunks of gates so
+the largest temporary is (n, chunk, c), bounded by ``max_elems``, never (n, p, c).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GatedOperator:
+    """A: R^{p x d x c} -> R^{n x c}, A(W) = sum_i diag(masks[:, i]) X W_i.
+
+    X: (n, d); masks: bool (n, p).
+    """
+
+    def __init__(
+        self,
+        X: torch.Tensor,
+        masks: torch.Tensor,
+        max_elems: int = 1 << 24,
+        max_float_mask_bytes: int = 1 << 29,
+    ):
+        self.X = X
+        self.masks = masks
+        self.max_elems = max_elems
+        # Float copies of the masks make each product one fused multiply; keep them only while
+        # they cost no more than ``max_float_mask_bytes`` (else convert chunk by chunk).
+        nbytes = masks.numel() * X.element_size()
+        self._float_masks = masks.to(X.dtype) if nbytes <= max_float_mask_bytes else None
+
+    @property
+    def n_gates(self) -> int:
+        return int(self.masks.shape[1])
+
+    def _mask(self, s: int, e: int) -> torch.Tensor:
+        if self._float_masks is not None:
+            return self._float_masks[:, s:e]
+        return self.masks[:, s:e].to(self.X.dtype)
+
+    def _step(self, c: int) -> int:
+        n, p = self.masks.shape
+        return max(1, min(p, self.max_elems // max(1, n * c)))
+
+    def matvec(self, W: torch.Tensor) -> torch.Tensor:
+        """(p, d, c) -> (n, c)."""
+        p, d, c = W.shape
+        n = self.X.shape[0]
+        out = torch.zeros(n, c, dtype=self.X.dtype, device=self.X.device)
+        step = self._step(c)
+        for s in range(0, p, step):
+            e = min(p, s + step)
+            Wc = W[s:e].permute(1, 0, 2).reshape(d, (e - s) * c)
+            Z = (self.X @ Wc).view(n, e - s, c)
+            if c == 1:
+                out += (Z[:, :, 0] * self._mask(s, e)).sum(dim=1, keepdim=True)
+            else:
+                out += torch.einsum("ngc,ng->nc", Z, self._mask(s, e))
+        return out
+
+    def rmatvec(self, R: torch.Tensor) -> torch.Tensor:
+        """(n, c) -> (p, d, c): block i is X^T diag(masks[:, i]) R."""
+        n, c = R.shape
+        p = self.n_gates
+        d = self.X.shape[1]
+        out = torch.empty(p, d, c, dtype=self.X.dtype, device=self.X.device)
+        step = self._step(c)
+        for s in range(0, p, step):
+            e = min(p, s + step)
+            M = self._mask(s, e)
+            if c == 1:
+                G = self.X.T @ (M * R)  # (d, g)
+                out[s:e] = G.T.unsqueeze(-1)
+            else:
+                MR = (M.unsqueeze(-1) * R.unsqueeze(1)).reshape(n, (e - s) * c)
+                out[s:e] = (self.X.T @ MR).view(d, e - s, c).permute(1, 0, 2)
+        return out
+
+    def restrict(self, idx: torch.Tensor) -> GatedOperator:
+        """The operator on a subset of gates (a working set)."""
+        return GatedOperator(self.X, self.masks[:, idx], self.max_elems)
+
+    def to(self, dtype: torch.dtype) -> GatedOperator:
+        return GatedOperator(self.X.to(dtype), self.masks, self.max_elems)
