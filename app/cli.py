@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from cvxtune.settings import Settings, get_settings
@@ -53,6 +52,7 @@ class Supervisor:
     def __init__(self, cmd: list[str]):
         self.cmd = cmd
         self.proc: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="worker-supervisor")
 
@@ -61,23 +61,25 @@ class Supervisor:
         self.thread.start()
 
     def _loop(self) -> None:
-        while not self.stopping.wait(1.0):
-            if self.proc is not None and self.proc.poll() is not None:
+        while not self.stopping.wait(2.0):
+            with self.lock:
+                if self.stopping.is_set() or self.proc is None or self.proc.poll() is None:
+                    continue
                 log.warning("worker exited with %s; restarting it", self.proc.returncode)
-                time.sleep(1.0)
-                if not self.stopping.is_set():
-                    self.proc = subprocess.Popen(self.cmd, start_new_session=True)
+                self.proc = subprocess.Popen(self.cmd, start_new_session=True)
 
     def stop(self) -> None:
-        self.stopping.set()
-        if self.proc is None or self.proc.poll() is not None:
+        with self.lock:
+            self.stopping.set()
+            proc = self.proc
+        if proc is None or proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)  # warm shutdown: unacked tasks go back
+        proc.send_signal(signal.SIGTERM)  # warm shutdown: unacknowledged tasks go back
         try:
-            self.proc.wait(timeout=20)
+            proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            proc.kill()
+            proc.wait()
 
 
 def serve_main(argv: list[str]) -> int:
@@ -105,6 +107,12 @@ def serve_main(argv: list[str]) -> int:
         f"API on http://{args.host}:{args.port}",
         flush=True,
     )
+
+    def on_term(signum: int, frame: object) -> None:
+        # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally`.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

@@ -93,7 +93,10 @@ class FinetunePublic(BaseModel):
     lam: float | str
     validation_fraction: float
     seed: int
-    attempts: int
+    attempts: int = Field(description="deliveries of the current stage")
+    deliveries: dict[str, int] = Field(
+        default_factory=dict, description="how often each stage was started (re-deliveries > 1)"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

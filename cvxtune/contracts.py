@@ -88,9 +88,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """One configuration for the producer (API) and the consumer (worker)."""
     from kombu import Queue
 
-    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
-    if settings.embedded_broker:
-        transport_options["polling_interval"] = 0.2
+    from cvxtune.broker import register
+
+    register()  # the embedded transport's URL scheme
+    # The SQL transport passes its options to create_engine, so it gets none.
+    transport_options: dict[str, Any] = (
+        {} if settings.embedded_broker else {"visibility_timeout": settings.visibility_timeout_s}
+    )
     return {
         "broker_url": settings.resolved_broker_url,
         "broker_transport_options": transport_options,

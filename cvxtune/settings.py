@@ -51,7 +51,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite3'}"
+        return self.broker_url or f"cvxsqla+sqlite:///{self.data_dir / 'broker.sqlite3'}"
 
     @property
     def resolved_artifacts_url(self) -> str:
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
 
     @property
     def embedded_broker(self) -> bool:
-        return self.resolved_broker_url.startswith("sqla+")
+        return self.resolved_broker_url.startswith(("cvxsqla+", "sqla+"))
 
 
 @lru_cache(maxsize=1)

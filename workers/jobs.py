@@ -131,6 +131,9 @@ def begin_stage(env: Env, job_id: str, stage: Stage) -> tuple[Finetune, Dataset 
             job.eta_seconds = None
             return None
         job.attempts, job.stage, job.state = attempts, stage, JobState.running
+        deliveries = dict((job.outputs or {}).get("deliveries", {}))
+        deliveries[str(stage)] = attempts
+        job.outputs = {**(job.outputs or {}), "deliveries": deliveries}
         job.started_at = job.started_at or utcnow()
         job.updated_at = utcnow()
         ds = s.get(Dataset, job.dataset_id)

@@ -39,6 +39,7 @@ def to_public(job: Finetune) -> dict[str, Any]:
         "validation_fraction": job.validation_fraction,
         "seed": job.seed,
         "attempts": job.attempts,
+        "deliveries": (job.outputs or {}).get("deliveries", {}),
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
