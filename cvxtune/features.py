@@ -14,7 +14,7 @@ import numpy as np
 
 from cvxtune.errors import DatasetError
 
-X_KEYS = ("X", "x", "features", "embeddings")
+X_KEYS = ("X", "x", "features", "embeddings", "embedding", "feature")
 Y_KEYS = ("y", "Y", "labels", "label")
 
 

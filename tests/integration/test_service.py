@@ -110,3 +110,15 @@ def test_other_project_sees_nothing(service, alpha, beta, npz_dataset, wait_job)
             assert c.get(f"/v1/heads/{head['id']}/weights").status_code == 404
             r = c.post(f"/v1/heads/{head['id']}/predict", json={"embeddings": [[0.0] * 6]})
             assert r.status_code == 404
+
+
+def test_bad_input_fails_once_with_its_reason(service, alpha, wait_job):
+    with service.client(alpha) as c:
+        ds = c.post("/v1/datasets", files={"file": ("b.npz", blobs(seed=9))}).json()
+        # The dataset's file vanishes from the store after upload (say, an operator's mistake).
+        (service.data_dir / "artifacts" / "datasets" / ds["id"] / "features.npz").unlink()
+        job = c.post("/v1/finetunes", json={"dataset_id": ds["id"], "lam": 0.01}).json()
+        job = wait_job(c, job["id"], timeout=120)
+        assert job["state"] == "failed" and job["head_id"] is None
+        assert job["error"]["code"] == "invalid_dataset" and "missing" in job["error"]["message"]
+        assert job["deliveries"] == {"validate": 1}  # not retried: retrying cannot help
