@@ -72,29 +72,46 @@ def preprocess(img: Any, pre: Preprocessing) -> np.ndarray:
 
 
 def stack_uint8(arrays: Sequence[np.ndarray], pre: Preprocessing) -> np.ndarray:
-    """(B, H, W, 3) uint8 from per-image (H, W) or (H, W, 3) arrays."""
-    out = np.empty((len(arrays), *pre.input_size[1:], 3), dtype=np.uint8)
+    """(B, H, W, 1) uint8 when every image is grayscale, else (B, H, W, 3).
+
+    Grayscale stays one channel until normalisation broadcasts it to three, which writes the
+    float batch once instead of copying each image three times first.
+    """
+    channels = 1 if all(a.ndim == 2 for a in arrays) else 3
+    out = np.empty((len(arrays), *pre.input_size[1:], channels), dtype=np.uint8)
     for i, a in enumerate(arrays):
         out[i] = a[:, :, None] if a.ndim == 2 else a
     return out
 
 
-class _Normalizer:
+class Normalizer:
     """uint8 NHWC batch -> normalised float NCHW in channels_last memory, on `device`."""
 
-    def __init__(self, pre: Preprocessing, device: Any):
+    def __init__(self, pre: Preprocessing, device: Any = "cpu"):
         import torch
 
         mean = torch.tensor(pre.mean, dtype=torch.float32, device=device)
         std = torch.tensor(pre.std, dtype=torch.float32, device=device)
-        # (x / 255 - mean) / std == x * scale - shift
-        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
-        self.shift = (mean / std).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std == x * scale - shift, one fused pass over the batch; NHWC
+        # memory read as NCHW is exactly channels_last, so the permute copies nothing.
+        self.scale = 1.0 / (255.0 * std)
+        self.neg_shift = -mean / std
         self.device = device
+        self._buffer: Any = None
 
-    def __call__(self, batch: Any) -> Any:
-        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        return x.float().mul_(self.scale).sub_(self.shift)
+    def __call__(self, batch: Any, *, reuse: bool = False) -> Any:
+        """With `reuse` the result lands in a buffer kept for the next batch of that shape:
+        on a CPU, faulting in fresh pages for every batch costs as much as the arithmetic."""
+        import torch
+
+        x = batch.to(self.device, non_blocking=True)
+        shape = (*x.shape[:3], 3)
+        out = None
+        if reuse:
+            if self._buffer is None or tuple(self._buffer.shape) != shape:
+                self._buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
+            out = self._buffer
+        return torch.addcmul(self.neg_shift, x, self.scale, out=out).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------- forward
@@ -129,10 +146,21 @@ def forward(bb: Backbone, x: Any, output: str) -> Any:
 
 
 class _Batches:
-    """Map-style dataset whose item k is batch k, decoded and stacked (runs in workers)."""
+    """Map-style dataset whose item k is batch k, decoded and stacked (runs in workers).
 
-    def __init__(self, ds: ImageDataset, batch_size: int, pre: Preprocessing):
-        self.ds, self.pre = ds, pre
+    With `normalize` (CPU extraction) the worker also produces the float batch, leaving the
+    main process nothing but the forward pass; on CUDA batches stay uint8, a quarter of the
+    bytes to pin and copy, and are normalised on the device.
+    """
+
+    def __init__(
+        self,
+        ds: ImageDataset,
+        batch_size: int,
+        pre: Preprocessing,
+        normalize: Normalizer | None = None,
+    ):
+        self.ds, self.pre, self.normalize = ds, pre, normalize
         n = len(ds)
         self.bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
         self.max_pixels = ds.store.limits.max_image_pixels  # type: ignore[attr-defined]
@@ -140,7 +168,9 @@ class _Batches:
     def __len__(self) -> int:
         return len(self.bounds)
 
-    def __getitem__(self, k: int) -> tuple[int, np.ndarray, list[int], dict[int, str]]:
+    def __getitem__(self, k: int) -> tuple[Any, list[int], dict[int, str]]:
+        import torch
+
         start, stop = self.bounds[k]
         arrays, rows, bad = [], [], {}
         for i in range(start, stop):
@@ -153,14 +183,14 @@ class _Batches:
                 bad[i] = str(exc)
             except DatasetError as exc:
                 bad[i] = f"!{exc.message}"  # a bomb: refused whatever the policy
-        return start, stack_uint8(arrays, self.pre), rows, bad
+        batch = torch.from_numpy(stack_uint8(arrays, self.pre))
+        if self.normalize is not None and rows:
+            batch = self.normalize(batch)
+        return batch, rows, bad
 
 
-def _collate(item: Any) -> Any:
-    import torch
-
-    start, batch, rows, bad = item
-    return start, torch.from_numpy(batch), rows, bad
+def _identity(item: Any) -> Any:
+    return item
 
 
 def default_num_workers() -> int:
@@ -181,7 +211,7 @@ def _loader(batches: _Batches, num_workers: int, pin: bool) -> Iterable[Any]:
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=_identity,
         pin_memory=pin,
         prefetch_factor=4 if num_workers > 0 else None,
     )
@@ -236,6 +266,7 @@ def extract(
     batch_size: int | None = None,
     num_workers: int | None = None,
     num_threads: int | None = None,
+    normalize_in_workers: bool | None = None,
     on_bad_image: str = "skip",
     progress: Progress | None = None,
 ) -> Extraction:
@@ -245,6 +276,9 @@ def extract(
     backbone: a catalogue name, or a Backbone already loaded (its weights decide the key).
     output: "pooled" (n, d), "feature_map" (n, C, H, W) or "tokens" (n, T, d).
     cache_dir: where results are kept by content hash; None computes without caching.
+    batch_size, num_workers (decoding processes), num_threads (torch's, in this process):
+    None picks the measured defaults; normalize_in_workers (CPU only, default true when
+    there are workers) moves the uint8 -> float pass off the process running the model.
     progress(fraction, images_per_s, eta_s) is called after every batch.
     Raises WeightsUnavailable, DatasetError (unusable data; bad images under "fail").
     """
@@ -267,7 +301,7 @@ def extract(
         cache = EmbeddingCache(cache_dir) if cache_dir is not None and key else None
         if cache is not None and (hit := _from_cache(cache, key)) is not None:
             if progress is not None:
-                progress(1.0, math.inf, 0.0)
+                progress(1.0, 0.0, 0.0)  # nothing was extracted: no rate to report
             return hit
         bb = backbone
         if not isinstance(bb, Backbone):
@@ -280,7 +314,15 @@ def extract(
                 device=dev,
             )
             key = key or extraction_key(ds, name, bb.weights_id, output)
-        opts = _RunOptions(output, batch_size, num_workers, num_threads, on_bad_image, progress)
+        opts = _RunOptions(
+            output,
+            batch_size,
+            num_workers,
+            num_threads,
+            normalize_in_workers,
+            on_bad_image,
+            progress,
+        )
         return _run(ds, bb, key, cache, opts)
     finally:
         if ds is not data:
@@ -299,6 +341,7 @@ class _RunOptions:
     batch_size: int | None
     num_workers: int | None
     num_threads: int | None
+    normalize_in_workers: bool | None
     on_bad_image: str
     progress: Progress | None
 
@@ -398,12 +441,13 @@ def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> d
     device_kind = bb.device.type
     batch_size = opts.batch_size or DEFAULT_BATCH_SIZE.get(device_kind, 32)
     workers = default_num_workers() if opts.num_workers is None else opts.num_workers
-    batches = _Batches(ds, batch_size, bb.spec.preprocessing)
-    normalize = _Normalizer(bb.spec.preprocessing, bb.device)
+    normalize = Normalizer(bb.spec.preprocessing, bb.device)
+    in_workers = device_kind == "cpu" and workers > 0 and opts.normalize_in_workers is not False
+    batches = _Batches(ds, batch_size, bb.spec.preprocessing, normalize if in_workers else None)
     n, done, bad = len(ds), 0, {}
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for _start, batch, rows, bad_here in _loader(batches, workers, device_kind == "cuda"):
+        for batch, rows, bad_here in _loader(batches, workers, device_kind == "cuda"):
             for i, reason in bad_here.items():
                 if reason.startswith("!"):
                     raise DatasetError(reason[1:])
@@ -411,7 +455,8 @@ def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> d
                     raise DatasetError(f"{ds.paths[i]}: {reason}")
             bad.update(bad_here)
             if rows:
-                out = forward(bb, normalize(batch), opts.output).cpu().numpy()
+                x = batch if in_workers else normalize(batch, reuse=device_kind == "cpu")
+                out = forward(bb, x, opts.output).cpu().numpy()
                 if len(rows) == rows[-1] - rows[0] + 1:
                     X[rows[0] : rows[-1] + 1] = out
                 else:
@@ -459,7 +504,7 @@ def embed_images(
 
     check_output(output)
     pre = bb.spec.preprocessing
-    normalize = _Normalizer(pre, bb.device)
+    normalize = Normalizer(pre, bb.device)
     arrays = []
     for k, item in enumerate(images):
         try:

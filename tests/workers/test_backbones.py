@@ -20,6 +20,14 @@ from workers.backbones import (
 )
 from workers.extract import forward
 
+
+def timm_data_config(name):
+    import timm
+    from timm.data import resolve_data_config
+
+    return resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict())
+
+
 NAMES = [
     "mobilenetv3_small_100",
     "mobilenetv3_large_100",
@@ -46,11 +54,8 @@ def test_catalogue_names():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_preprocessing_is_timms_data_config(name):
-    import timm
-    from timm.data import resolve_data_config
-
     spec = CATALOGUE[name]
-    cfg = resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+    cfg = timm_data_config(name)
     pre = spec.preprocessing
     assert tuple(cfg["input_size"]) == pre.input_size == spec.input_size
     assert cfg["interpolation"] == pre.interpolation
@@ -94,8 +99,9 @@ def test_random_weights_only_when_allowed_and_reproducible(tmp_path):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("layout", ["flat", "hub", "file"])
-@pytest.mark.parametrize("with_classifier", [True, False])
+@pytest.mark.parametrize(
+    ("layout", "with_classifier"), [("flat", True), ("hub", False), ("file", True)]
+)
 def test_local_weights_come_first(tmp_path, layout, with_classifier):
     name = "mobilenetv3_small_100"
     import timm

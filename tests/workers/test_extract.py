@@ -34,8 +34,8 @@ def test_preprocessing_matches_timms_eval_transform(fashion_test):
     images += [smooth.resize(size, Image.BICUBIC) for size in [(300, 200), (97, 131)]]
     for name in ("tf_efficientnet_lite0", "vit_tiny_patch16_224", MOBILE):
         pre = CATALOGUE[name].preprocessing
-        cfg = resolve_data_config({}, model=timm.create_model(name, pretrained=False))
-        reference = create_transform(**cfg)
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+        reference = create_transform(**resolve_data_config(pretrained_cfg=cfg))
         for img in images:
             ref = reference(img).numpy()
             ours = stack_uint8([preprocess(img, pre)], pre)[0].transpose(2, 0, 1) / 255.0

@@ -1,0 +1,192 @@
+"""Extraction throughput: the whole pipeline against the best bare forward, per backbone.
+
+    python bench/extract.py                       # all five backbones, 512 images
+    python bench/extract.py --backbones tf_efficientnet_lite0 --n 1024
+
+"bare": the model alone on already decoded, normalised tensors in memory, best over batch sizes
+and memory formats (contiguous NCHW vs channels_last). "pipeline": workers.extract.extract on a
+zip of real Fashion-MNIST PNGs (read, decode, resize+crop, normalise, forward, write rows), with
+no cache, timed from the start of the loader to the last row; "end to end" adds opening and
+validating the archive, hashing it and loading the model. Bare and pipeline runs alternate, and
+each keeps its best of --repeats, so a busy machine slows both alike. Results are printed and
+saved as JSON (bench/results/extract.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.backbones import CATALOGUE, load_backbone
+from workers.datasets import open_dataset
+from workers.extract import Normalizer, extract, forward, preprocess, stack_uint8
+from workers.sample_data import balanced_indices, load_fashion_mnist, write_imagefolder
+
+BATCH_SIZES = (8, 16, 32, 64)
+# name -> (decoding processes, where uint8 -> float happens)
+PIPELINES = {
+    "w0": (0, "main"),
+    "w1": (1, "workers"),
+    "w1-main": (1, "main"),
+    "w2": (2, "workers"),
+}
+
+
+def make_dataset(n: int, root: Path) -> Path:
+    images, labels = load_fashion_mnist("test")
+    idx = balanced_indices(labels, n // 10)
+    return write_imagefolder(root / f"fashion-{n}.zip", images[idx], labels[idx])
+
+
+def decoded_tensors(path: Path, pre) -> torch.Tensor:
+    """All images preprocessed and normalised, (n, 3, H, W) float32, channels_last."""
+    with open_dataset(path) as ds:
+        arrays = [preprocess(ds.load_image(i), pre) for i in range(len(ds))]
+    return Normalizer(pre)(torch.from_numpy(stack_uint8(arrays, pre)))
+
+
+def bare_rate(bb, x: torch.Tensor, batch_size: int, images: int) -> float:
+    """images/s of forward alone over `images` inputs (one warm-up batch first)."""
+    with torch.inference_mode():
+        forward(bb, x[:batch_size], "pooled")
+        t0 = time.perf_counter()
+        done = 0
+        while done < images:
+            forward(bb, x[done % len(x) :][:batch_size], "pooled")
+            done += batch_size
+    return done / (time.perf_counter() - t0)
+
+
+def as_contiguous(bb):
+    other = copy.copy(bb)
+    other.model = copy.deepcopy(bb.model).to(memory_format=torch.contiguous_format)
+    return other
+
+
+def sweep_bare(models: dict, x: torch.Tensor, images: int) -> list[dict]:
+    rows = []
+    for fmt, b in models.items():
+        xf = x if fmt == "channels_last" else x.contiguous()
+        for bs in BATCH_SIZES:
+            rate = bare_rate(b, xf, bs, max(images, 2 * bs))
+            rows.append({"memory_format": fmt, "batch_size": bs, "images_per_s": rate})
+            print(f"    bare {fmt:<13} bs={bs:<3} {rate:7.1f} img/s", flush=True)
+    return rows
+
+
+def pipeline_rate(bb, data: Path, batch_size: int, config: str) -> dict:
+    workers, where = PIPELINES[config]
+    t0 = time.perf_counter()
+    with open_dataset(data) as ds:
+        ds.content_hash()
+        opened = time.perf_counter() - t0
+        res = extract(ds, bb, cache_dir=None, batch_size=batch_size, num_workers=workers,
+                      normalize_in_workers=where == "workers")  # fmt: skip
+    return {
+        "config": config,
+        "num_workers": workers,
+        "normalize_in": where,
+        "batch_size": batch_size,
+        "images_per_s": len(res.y) / res.seconds,
+        "open_validate_hash_s": opened,
+        "n": len(res.y),
+    }
+
+
+def bench_backbone(name: str, data: Path, args) -> dict:
+    t0 = time.perf_counter()
+    bb = load_backbone(name, allow_random=True)
+    load_s = time.perf_counter() - t0
+    x = decoded_tensors(data, bb.spec.preprocessing)
+    print(f"{name}: weights {bb.source.kind}, loaded in {load_s:.1f}s", flush=True)
+    models = {"channels_last": bb, "contiguous": as_contiguous(bb)}
+    sweep = sweep_bare(models, x, args.sweep_images)
+    best = max(sweep, key=lambda r: r["images_per_s"])
+    bs, fmt = best["batch_size"], best["memory_format"]
+    xf = x if fmt == "channels_last" else x.contiguous()
+    bare_runs, pipes = [best["images_per_s"]], {w: [] for w in args.pipelines}
+    paired: dict[str, list[float]] = {w: [] for w in args.pipelines}
+    for rep in range(args.repeats):
+        for w in args.pipelines:
+            # Each pipeline run right after a bare run of the same length: on a shared machine
+            # the pair sees the same load, and the best of each over rounds sees the least.
+            bare = bare_rate(models[fmt], xf, bs, len(x))
+            run = pipeline_rate(bb, data, bs, w)
+            bare_runs.append(bare)
+            pipes[w].append(run)
+            paired[w].append(run["images_per_s"] / bare)
+            print(
+                f"    round {rep}: bare {bare:7.1f}  pipeline {w:<8} "
+                f"{run['images_per_s']:7.1f} img/s  (paired ratio {paired[w][-1]:.2f})",
+                flush=True,
+            )
+    bare = max(bare_runs)
+    pipeline = {w: max(runs, key=lambda r: r["images_per_s"]) for w, runs in pipes.items()}
+    best_w = max(pipeline, key=lambda w: pipeline[w]["images_per_s"])
+    return {
+        "backbone": name,
+        "weights": bb.source.kind,
+        "model_load_s": load_s,
+        "bare_sweep": sweep,
+        "bare_best": {**best, "images_per_s": bare},
+        "pipeline": list(pipeline.values()),
+        "best_pipeline": best_w,
+        "ratio": pipeline[best_w]["images_per_s"] / bare,
+        "ratio_by_pipeline": {w: pipeline[w]["images_per_s"] / bare for w in pipeline},
+        "median_paired_ratio": {w: float(np.median(r)) for w, r in paired.items()},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbones", nargs="*", default=list(CATALOGUE))
+    p.add_argument("--n", type=int, default=512, help="images in the pipeline runs")
+    p.add_argument("--sweep-images", type=int, default=128, help="images per bare config")
+    p.add_argument("--pipelines", nargs="*", default=list(PIPELINES), choices=list(PIPELINES))
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "extract.json"))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg(),
+        "device": "cpu",
+    }
+    print(json.dumps(machine), flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_dataset(args.n, Path(tmp))
+        for name in args.backbones:
+            results.append(bench_backbone(name, data, args))
+    machine["load_average_at_end"] = os.getloadavg()
+    print(f"\n{'backbone':<24}{'bare best':>22}{'pipeline':>22}{'ratio':>8}{'paired':>8}")
+    for r in results:
+        b, best = r["bare_best"], max(r["pipeline"], key=lambda q: q["images_per_s"])
+        bare = f"{b['images_per_s']:.1f} ({b['memory_format'][:8]}, {b['batch_size']})"
+        pipe = f"{best['images_per_s']:.1f} ({best['config']})"
+        med = r["median_paired_ratio"][best["config"]]
+        print(f"{r['backbone']:<24}{bare:>22}{pipe:>22}{r['ratio']:>8.2f}{med:>8.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine, "args": vars(args), "results": results}
+    out.write_text(json.dumps(report, indent=1))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
