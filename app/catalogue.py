@@ -12,7 +12,10 @@ from cvxtune.settings import Settings
 def list_backbones(settings: Settings) -> list[dict[str, Any]]:
     from workers.backbones import catalogue
 
-    return catalogue(weights_dir=settings.weights_dir)
+    entries = catalogue(weights_dir=settings.weights_dir)
+    for e in entries:  # where the weights lie on the server is not the client's business
+        e.get("weights", {}).pop("location", None)
+    return entries
 
 
 def check_backbone(settings: Settings, name: str) -> dict[str, Any]:

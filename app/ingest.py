@@ -108,6 +108,7 @@ def ingest(
         )
     else:
         report = _image_report(upload.path, settings)
+        report["source"] = upload.filename or report.get("source")
         key = f"datasets/{ds_id}/images.{fmt}"
         store.put_file(key, upload.path)
         counts = {str(k): int(v) for k, v in report["class_counts"].items()}

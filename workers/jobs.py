@@ -84,13 +84,15 @@ class Reporter:
         self.lo, self.hi = _spans(kind)[stage]
         self.started = started  # epoch seconds the job started running
         self._last = 0.0
+        self._best = 0.0  # progress only moves forward, even when the gap wobbles
 
     def __call__(self, fraction: float, info: Any = None, *, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last < PROGRESS_EVERY_S:
             return
         self._last = now
-        p = self.lo + (self.hi - self.lo) * min(max(float(fraction), 0.0), 1.0)
+        self._best = max(self._best, min(max(float(fraction), 0.0), 1.0))
+        p = self.lo + (self.hi - self.lo) * self._best
         elapsed = max(time.time() - self.started, 1e-3)
         eta = elapsed * (1.0 - p) / p if p >= 0.03 else None
         with session_scope(self.env.db) as s:

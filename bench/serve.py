@@ -1,0 +1,284 @@
+"""Online predict: cvxtune's API against a bare FastAPI endpoint and the backbone's own limit.
+
+    python bench/serve.py [--seconds 8] [--concurrency 1 8 32] [--out bench/results/serve.json]
+
+Measures, in one run on one machine, with tf_efficientnet_lite0 and a Fashion-MNIST PNG:
+1. limit: the backbone's best bare batched forward (batch size x memory format), images/s;
+2. bare: a FastAPI endpoint that decodes, embeds (one forward per request) and applies the head;
+3. cvxtune: POST /v1/heads/{id}/predict through auth, the database, the LRU caches and the
+   dynamic batcher, served by `cvxtune serve --no-worker`.
+For each server: single-image latency p50/p99 and throughput at each concurrency. The load
+generator runs on the same CPUs as the servers, so absolute numbers on a 2-core machine are low
+for every row alike; compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BACKBONE = "tf_efficientnet_lite0"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up")
+
+
+# ---------------------------------------------------------------- the backbone's limit
+
+
+def forward_limit(batch_sizes: tuple[int, ...] = (1, 8, 32), reps: int = 3) -> dict[str, Any]:
+    import torch
+
+    from workers.backbones import load_backbone
+
+    bb = load_backbone(BACKBONE)
+    rows = []
+    for fmt_name, fmt in (
+        ("channels_last", torch.channels_last),
+        ("contiguous", torch.contiguous_format),
+    ):
+        model = bb.model.to(memory_format=fmt)
+        for bs in batch_sizes:
+            x = torch.randn(bs, 3, 224, 224).contiguous(memory_format=fmt)
+            with torch.inference_mode():
+                model(x)  # warm-up
+                best = float("inf")
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    model(x)
+                    best = min(best, time.perf_counter() - t)
+            rows.append({"memory_format": fmt_name, "batch": bs, "images_per_s": bs / best})
+    top = max(rows, key=lambda r: r["images_per_s"])
+    return {"rows": rows, "best": top}
+
+
+# ---------------------------------------------------------------- the bare endpoint
+
+
+def bare_server(port: int, head_dir: str) -> None:
+    import uvicorn
+    from fastapi import FastAPI, Request
+
+    from starlette.concurrency import run_in_threadpool
+
+    from solver import ConvexMLPClassifier
+    from workers.backbones import load_backbone
+    from workers.extract import embed_images
+
+    bb = load_backbone(BACKBONE)
+    head = ConvexMLPClassifier.load(head_dir)
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def predict(request: Request) -> dict[str, Any]:
+        form = await request.form()
+        images = [await f.read() for f in form.getlist("files")]  # type: ignore[union-attr]
+        p = head.predict_proba(await run_in_threadpool(embed_images, bb, images))
+        return {"predictions": [{"label": int(r.argmax()), "p": r.tolist()} for r in p]}
+
+    app.add_api_route("/predict", predict, methods=["POST"])
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------- load
+
+
+async def _load(
+    url: str, headers: dict[str, str], image: bytes, concurrency: int, seconds: float
+) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(headers=headers, timeout=120, limits=limits) as client:
+        files = {"files": ("x.png", image, "image/png")}
+        for _ in range(2):  # warm-up: loads the backbone and the head
+            (await client.post(url, files=files)).raise_for_status()
+        stop = time.perf_counter() + seconds
+
+        async def one() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                r = await client.post(url, files=files)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "images_per_s": len(latencies) / wall,
+    }
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def _make_head(data_dir: Path) -> tuple[str, str, dict[str, str]]:
+    """A real head fitted on Fashion-MNIST embeddings, registered in a fresh data dir."""
+    os.environ["CVXTUNE_DATA_DIR"] = str(data_dir)
+    from fastapi.testclient import TestClient
+
+    from app.auth import create_key
+    from app.main import create_app
+    from cvxtune.db import session_scope
+    from cvxtune.settings import get_settings
+    from workers import jobs
+    from workers.sample_data import balanced_indices, load_fashion_mnist, write_imagefolder
+
+    get_settings.cache_clear()
+    settings = get_settings()
+
+    class Recorder:
+        def send_finetune(self, job_id: str) -> None: ...
+        def ping(self) -> None: ...
+
+    client = TestClient(create_app(settings, queue=Recorder()))
+    with session_scope(settings.resolved_database_url) as s:
+        key = create_key(s, "bench")
+    auth = {"Authorization": f"Bearer {key}"}
+    images, labels = load_fashion_mnist("test")
+    pick = balanced_indices(labels, 10)
+    archive = data_dir / "fm.zip"
+    write_imagefolder(archive, images[pick], labels[pick])
+    ds = client.post("/v1/datasets", headers=auth, files={"file": ("fm.zip", archive.read_bytes())})
+    ds.raise_for_status()
+    job = client.post(
+        "/v1/finetunes",
+        headers=auth,
+        json={
+            "dataset_id": ds.json()["id"],
+            "backbone": BACKBONE,
+            "lam": 1e-2,
+            "head": {"gates": 32, "tol": 1e-4, "max_iter": 300},
+        },
+    ).json()
+    env = jobs.Env(settings)
+    for stage in (jobs.validate, jobs.extract, jobs.fit, jobs.evaluate, jobs.register):
+        stage(job["id"], env)
+    head_id = jobs.head_id_for(job["id"])
+    return head_id, str(settings.data_dir / "artifacts" / "heads" / head_id), auth
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    p.add_argument("--bare-server", nargs=2, metavar=("PORT", "HEAD_DIR"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.bare_server:
+        bare_server(int(args.bare_server[0]), args.bare_server[1])
+        return 0
+
+    from workers.sample_data import load_fashion_mnist, png_bytes
+
+    image = png_bytes(load_fashion_mnist("test")[0][0])
+    results: dict[str, Any] = {
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        head_id, head_dir, auth = _make_head(data_dir)
+        print("limit: best bare batched forward ...", flush=True)
+        results["limit"] = forward_limit()
+        print(json.dumps(results["limit"]["best"]), flush=True)
+
+        env = {**os.environ, "CVXTUNE_DATA_DIR": str(data_dir)}
+        servers = {}
+        bare_port, api_port = _port(), _port()
+        servers["bare"] = subprocess.Popen(
+            [sys.executable, __file__, "--bare-server", str(bare_port), head_dir], env=env
+        )
+        servers["cvxtune"] = subprocess.Popen(
+            [sys.executable, "-m", "cvxtune.cli", "serve", "--no-worker", "--port", str(api_port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            targets = {
+                "bare": (f"http://127.0.0.1:{bare_port}", "/predict", {}),
+                "cvxtune": (f"http://127.0.0.1:{api_port}", f"/v1/heads/{head_id}/predict", auth),
+            }
+            for name, (base, path, headers) in targets.items():
+                _wait(f"{base}/healthz")
+                results[name] = []
+                for c in args.concurrency:
+                    row = asyncio.run(_load(base + path, headers, image, c, args.seconds))
+                    results[name].append(row)
+                    print(name, json.dumps(row), flush=True)
+        finally:
+            for proc in servers.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return 0
+
+
+def table(results: dict[str, Any]) -> str:
+    limit = results["limit"]["best"]["images_per_s"]
+    lines = [
+        "| server | clients | p50 ms | p99 ms | images/s | vs limit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("bare", "cvxtune"):
+        for r in results[name]:
+            lines.append(
+                f"| {name} | {r['concurrency']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+                f"| {r['images_per_s']:.1f} | {r['images_per_s'] / limit:.2f} |"
+            )
+    best = results["limit"]["best"]
+    lines.append(f"\nlimit: {limit:.1f} images/s (batch {best['batch']}, {best['memory_format']})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
