@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import Request  # module level: the endpoint's annotation is resolved here
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,8 +89,7 @@ def forward_limit(batch_sizes: tuple[int, ...] = (1, 8, 32), reps: int = 3) -> d
 
 def bare_server(port: int, head_dir: str) -> None:
     import uvicorn
-    from fastapi import FastAPI, Request
-
+    from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
     from solver import ConvexMLPClassifier
