@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -54,15 +55,24 @@ def decoded_tensors(path: Path, pre) -> torch.Tensor:
     return Normalizer(pre)(torch.from_numpy(stack_uint8(arrays, pre)))
 
 
-def bare_rate(bb, x: torch.Tensor, batch_size: int, images: int) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (DataLoader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def bare_rate(bb, x: torch.Tensor, batch_size: int, images: int, cpu: list | None = None) -> float:
     """images/s of forward alone over `images` inputs (one warm-up batch first)."""
     with torch.inference_mode():
         forward(bb, x[:batch_size], "pooled")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         done = 0
         while done < images:
             forward(bb, x[done % len(x) :][:batch_size], "pooled")
             done += batch_size
+    if cpu is not None:
+        cpu.append((cpu_seconds() - c0) / done)
     return done / (time.perf_counter() - t0)
 
 
@@ -89,9 +99,12 @@ def pipeline_rate(bb, data: Path, batch_size: int, config: str) -> dict:
     with open_dataset(data) as ds:
         ds.content_hash()
         opened = time.perf_counter() - t0
+        c0 = cpu_seconds()
         res = extract(ds, bb, cache_dir=None, batch_size=batch_size, num_workers=workers,
                       normalize_in_workers=where == "workers")  # fmt: skip
+        cpu = (cpu_seconds() - c0) / len(res.y)
     return {
+        "cpu_ms_per_image": 1e3 * cpu,
         "config": config,
         "num_workers": workers,
         "normalize_in": where,
@@ -115,18 +128,20 @@ def bench_backbone(name: str, data: Path, args) -> dict:
     xf = x if fmt == "channels_last" else x.contiguous()
     bare_runs, pipes = [best["images_per_s"]], {w: [] for w in args.pipelines}
     paired: dict[str, list[float]] = {w: [] for w in args.pipelines}
+    bare_cpu: list[float] = []
     for rep in range(args.repeats):
         for w in args.pipelines:
             # Each pipeline run right after a bare run of the same length: on a shared machine
             # the pair sees the same load, and the best of each over rounds sees the least.
-            bare = bare_rate(models[fmt], xf, bs, len(x))
+            bare = bare_rate(models[fmt], xf, bs, len(x), bare_cpu)
             run = pipeline_rate(bb, data, bs, w)
             bare_runs.append(bare)
             pipes[w].append(run)
             paired[w].append(run["images_per_s"] / bare)
             print(
                 f"    round {rep}: bare {bare:7.1f}  pipeline {w:<8} "
-                f"{run['images_per_s']:7.1f} img/s  (paired ratio {paired[w][-1]:.2f})",
+                f"{run['images_per_s']:7.1f} img/s  (paired ratio {paired[w][-1]:.2f}; CPU ms/img "
+                f"bare {1e3 * bare_cpu[-1]:.2f} pipeline {run['cpu_ms_per_image']:.2f})",
                 flush=True,
             )
     bare = max(bare_runs)
@@ -143,6 +158,12 @@ def bench_backbone(name: str, data: Path, args) -> dict:
         "ratio": pipeline[best_w]["images_per_s"] / bare,
         "ratio_by_pipeline": {w: pipeline[w]["images_per_s"] / bare for w in pipeline},
         "median_paired_ratio": {w: float(np.median(r)) for w, r in paired.items()},
+        # Robust to a busy machine: CPU time per image, bare over pipeline (lowest of each).
+        "bare_cpu_ms_per_image": 1e3 * min(bare_cpu),
+        "cpu_ratio": {
+            w: 1e3 * min(bare_cpu) / min(r["cpu_ms_per_image"] for r in runs)
+            for w, runs in pipes.items()
+        },
     }
 
 
@@ -173,13 +194,15 @@ def main() -> None:
         for name in args.backbones:
             results.append(bench_backbone(name, data, args))
     machine["load_average_at_end"] = os.getloadavg()
-    print(f"\n{'backbone':<24}{'bare best':>22}{'pipeline':>22}{'ratio':>8}{'paired':>8}")
+    head = f"{'backbone':<24}{'bare best':>22}{'pipeline':>22}{'ratio':>8}{'paired':>8}{'cpu':>8}"
+    print("\n" + head)
     for r in results:
         b, best = r["bare_best"], max(r["pipeline"], key=lambda q: q["images_per_s"])
         bare = f"{b['images_per_s']:.1f} ({b['memory_format'][:8]}, {b['batch_size']})"
         pipe = f"{best['images_per_s']:.1f} ({best['config']})"
         med = r["median_paired_ratio"][best["config"]]
-        print(f"{r['backbone']:<24}{bare:>22}{pipe:>22}{r['ratio']:>8.2f}{med:>8.2f}")
+        cpu = r["cpu_ratio"][best["config"]]
+        print(f"{r['backbone']:<24}{bare:>22}{pipe:>22}{r['ratio']:>8.2f}{med:>8.2f}{cpu:>8.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine, "args": vars(args), "results": results}

@@ -313,7 +313,11 @@ def extract(
                 allow_download=allow_download,
                 device=dev,
             )
-            key = key or extraction_key(ds, name, bb.weights_id, output)
+            if not key:  # weights fetched just now: only their digest names them
+                key = extraction_key(ds, name, bb.weights_id, output)
+                cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
+                if cache is not None and (hit := _from_cache(cache, key)) is not None:
+                    return hit
         opts = _RunOptions(
             output,
             batch_size,
