@@ -69,7 +69,8 @@ class _Bar:
 
             self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format=_FORMAT)
         self.bar.n = round(fraction * 1000)
-        self.bar.set_postfix_str(f"{rate:.1f} img/s, ETA {_eta(eta)}", refresh=False)
+        status = f"{rate:.1f} img/s, ETA {_eta(eta)}" if rate > 0 else "from the cache"
+        self.bar.set_postfix_str(status, refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:

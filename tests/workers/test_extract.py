@@ -171,3 +171,13 @@ def test_efficientnet_lite0_embeddings_classify_fashion_mnist(tmp_path, fashion_
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000))
     accuracy = clf.fit(a.X, a.y).score(b.X, b.y)
     assert accuracy >= 0.85
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_autocast_agrees_with_cpu(small_zip):
+    cpu = extract(small_zip, "tf_efficientnet_lite0", device="cpu", num_workers=0)
+    gpu = extract(small_zip, "tf_efficientnet_lite0", device="cuda", num_workers=1)
+    assert gpu.X.dtype == np.float32
+    cos = (cpu.X * gpu.X).sum(1) / np.linalg.norm(cpu.X, axis=1) / np.linalg.norm(gpu.X, axis=1)
+    assert cos.min() > 0.99  # bf16/fp16 autocast, not bit-identical
