@@ -78,6 +78,7 @@ def test_image_zip_upload_reports_unreadable_files(client, auth, upload_file):
     ds = r.json()
     assert ds["kind"] == "images" and ds["class_counts"] == {"x": 3, "y": 3}
     assert [s["path"] for s in ds["report"]["skipped"]] == ["x/broken.png"]
+    assert ds["report"]["source"] == "imgs.zip"
 
 
 def _npz(**arrays) -> bytes:
