@@ -5,7 +5,8 @@ D_i = diag(1[Z g_i >= 0]), weights W_i of shape (n_features [+1], n_outputs) and
 unpenalized output bias b:
 
     squared:        1/(2n) || sum_i D_i Z W_i + 1 b^T - Y ||_F^2  +  lam * sum_i ||W_i||
-    cross_entropy:  1/n sum_j CE(softmax(row j of sum_i D_i Z W_i + 1 b^T), y_j)  +  lam * sum_i ||W_i||
+    cross_entropy:  1/n sum_j CE(softmax(row j of sum_i D_i Z W_i + 1 b^T), y_j)
+                    +  lam * sum_i ||W_i||
 
 ||.|| is the nuclear norm (``penalty="nuclear"``: exactly the weight decay
 lam/2 (||W1||^2 + ||W2||^2) of the recovered gated network) or the Frobenius norm
@@ -30,12 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .losses import LOSSES
-from .network import factor_blocks, gated_network
+from .losses import LOSSES, CrossEntropyLoss, SquaredLoss
+from .network import factor_blocks, gated_network, relu_network, relu_neurons
 from .operator import GatedOperator
 from .patterns import compute_patterns, sample_gates, unique_patterns
-from .penalties import PENALTIES
-from .problem import Problem, certificate
+from .penalties import PENALTIES, GroupFrobenius, GroupNuclear
+from .problem import Problem
+from .relu import solve_relu
 from .workingset import solve
 
 Progress = Callable[[float, dict[str, Any]], None]
@@ -53,7 +55,9 @@ def _as_tensor(X: Any) -> torch.Tensor:
     if not torch.is_floating_point(T):
         T = T.to(torch.float64)
     if T.ndim != 2:
-        raise ValueError(f"X must be 2-dimensional (n_samples, n_features), got shape {tuple(T.shape)}")
+        raise ValueError(
+            f"X must be 2-dimensional (n_samples, n_features), got shape {tuple(T.shape)}"
+        )
     if not bool(torch.isfinite(T).all()):
         raise ValueError("X contains NaN or infinite values")
     return T
@@ -97,7 +101,8 @@ class _ConvexMLP:
 
     # -- parameters ---------------------------------------------------------------------------
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        names = self.__init__.__code__.co_varnames[1 : self.__init__.__code__.co_argcount]
+        code = type(self).__init__.__code__
+        names = code.co_varnames[1 : code.co_argcount]
         return {k: getattr(self, k) for k in names}
 
     def set_params(self, **params: Any) -> _ConvexMLP:
@@ -108,11 +113,6 @@ class _ConvexMLP:
     def _check_params(self) -> None:
         if self.activation not in {"gated_relu", "relu"}:
             raise ValueError(f"activation must be 'gated_relu' or 'relu', got {self.activation!r}")
-        if self.activation == "relu":
-            raise NotImplementedError(
-                "activation='relu' (cone-constrained exact ReLU) is not available yet; "
-                "use activation='gated_relu'"
-            )
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {self.penalty!r}")
         if self._loss_name() not in self._allowed_losses():
@@ -144,14 +144,20 @@ class _ConvexMLP:
             if self.gates < 1:
                 raise ValueError("gates must be a positive integer or an array of gate vectors")
             gen = torch.Generator().manual_seed(
-                self.random_state if self.random_state is not None else int(np.random.randint(2**31))
+                self.random_state
+                if self.random_state is not None
+                else int(np.random.default_rng().integers(2**31))
             )
             return sample_gates(Z, int(self.gates), gen, anchored=self.fit_intercept)
-        G = torch.as_tensor(np.asarray(self.gates) if not isinstance(self.gates, torch.Tensor) else self.gates)
+        G = torch.as_tensor(
+            np.asarray(self.gates) if not isinstance(self.gates, torch.Tensor) else self.gates
+        )
         G = G.to(device=Z.device, dtype=Z.dtype)
         d = Z.shape[1] - int(self.fit_intercept)
         if G.ndim != 2 or G.shape[0] not in {d, Z.shape[1]}:
-            raise ValueError(f"gates must have shape (n_features, p) = ({d}, p), got {tuple(G.shape)}")
+            raise ValueError(
+                f"gates must have shape (n_features, p) = ({d}, p), got {tuple(G.shape)}"
+            )
         if G.shape[0] == d and self.fit_intercept:
             G = torch.cat([G, torch.zeros(1, G.shape[1], dtype=G.dtype, device=G.device)])
         return G
@@ -171,42 +177,79 @@ class _ConvexMLP:
         keep = unique_patterns(masks)
         self.gates_ = G[:, keep]
         masks = masks[:, keep]
-        loss = LOSSES[self._loss_name()]()
-        pen = PENALTIES[self.penalty]()
+        loss: SquaredLoss | CrossEntropyLoss = LOSSES[self._loss_name()]()
+        pen: GroupFrobenius | GroupNuclear = PENALTIES[self.penalty]()
         self.lam_max_ = lam_max(Z, masks, Y, loss, pen, self.fit_intercept)
         if self.lam == "auto":
-            self.lam_, self.path_ = self._choose_lam(Z, masks, Y, loss, pen, progress)
+            self.lam_, self.path_, W0 = self._choose_lam(Z, masks, Y, loss, pen, progress)
         else:
-            self.lam_ = float(self.lam)
+            self.lam_, W0 = float(self.lam), None
+        if self.activation == "relu":
+            return self._fit_relu(Z, masks, Y, loss, progress)
         problem = Problem(GatedOperator(Z, masks), Y, loss, pen, self.lam_, self.fit_intercept)
-        W0 = getattr(self, "_warm_W", None)
         W = W0 if W0 is not None else Z.new_zeros(masks.shape[1], Z.shape[1], Y.shape[1])
         b = problem.zero_bias()
         res = solve(
-            problem, W, b, tol=self.tol, max_iter=self.max_iter, working_set=self.working_set,
+            problem,
+            W,
+            b,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            working_set=self.working_set,
             callback=_progress_adapter(progress, self.tol),
         )
-        self._warm_W = None
         self.weights_ = res.W
         self.intercept_ = res.b if self.fit_intercept else torch.zeros_like(res.b)
         self.objective_ = res.cert.primal
         self.duality_gap_ = res.cert.gap
         self.n_iter_ = res.n_iter
         self.converged_ = res.converged
+        self.constraint_violation_ = 0.0
         self._set_neurons()
         self.pricing_violation_ = self._pricing(Z, Y, problem, res.W, res.b)
-        if not res.converged:
+        return self._finish(progress)
+
+    def _fit_relu(self, Z, masks, Y, loss, progress) -> _ConvexMLP:
+        res = solve_relu(
+            Z,
+            masks,
+            Y,
+            loss,
+            self.lam_,
+            self.fit_intercept,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            callback=_progress_adapter(progress, self.tol),
+        )
+        self.weights_ = res.U
+        self.intercept_ = res.b if self.fit_intercept else torch.zeros_like(res.b)
+        self.objective_ = res.cert.primal
+        self.duality_gap_ = res.cert.gap
+        self.n_iter_ = res.n_iter
+        self.converged_ = res.converged
+        self.constraint_violation_ = res.violation
+        self.pricing_violation_ = float("nan")
+        self._set_neurons()
+        return self._finish(progress)
+
+    def _finish(self, progress: Progress | None) -> _ConvexMLP:
+        if not self.converged_:
             warnings.warn(
-                f"stopped after {res.n_iter} iterations with relative duality gap "
-                f"{res.cert.gap:.2e} > tol={self.tol:.0e}; raise max_iter or tol",
-                ConvergenceWarning, stacklevel=2,
+                f"stopped after {self.n_iter_} iterations with relative duality gap "
+                f"{self.duality_gap_:.2e} (constraint violation {self.constraint_violation_:.1e}); "
+                f"tol={self.tol:.0e}: raise max_iter or tol",
+                ConvergenceWarning,
+                stacklevel=3,
             )
         if progress is not None:
             progress(1.0, {"gap": self.duality_gap_, "objective": self.objective_})
         return self
 
     def _set_neurons(self) -> None:
-        owner, U, V = factor_blocks(self.weights_)
+        if self.activation == "relu":
+            owner, U, V = relu_neurons(self.weights_)
+        else:
+            owner, U, V = factor_blocks(self.weights_)
         self._neurons = (owner, U, V)
         self.n_neurons_ = int(owner.numel())
 
@@ -215,29 +258,42 @@ class _ConvexMLP:
         n = Z.shape[0]
         gen = torch.Generator().manual_seed(0 if self.random_state is None else self.random_state)
         perm = torch.randperm(n, generator=gen).to(Z.device)
-        n_val = max(1, int(round(self.validation_fraction * n)))
+        n_val = max(1, round(self.validation_fraction * n))
         val, tr = perm[:n_val], perm[n_val:]
         lam_hi = self.lam_max_ if self.lam_max_ > 0 else 1.0
         lams = lam_hi * np.geomspace(1.0, self.lam_min_ratio, self.n_lams)
         op = GatedOperator(Z[tr], masks[tr])
         W = Z.new_zeros(masks.shape[1], Z.shape[1], Y.shape[1])
         b = torch.zeros(Y.shape[1], dtype=Z.dtype, device=Z.device)
-        path, best = [], (-math.inf, None, None)
+        path: list[dict[str, float]] = []
+        best: tuple[float, float | None, torch.Tensor | None] = (-math.inf, None, None)
         for k, lam in enumerate(lams):
             prob = Problem(op, Y[tr], loss, pen, float(lam), self.fit_intercept)
-            res = solve(prob, W, b, tol=max(self.tol, 1e-4), max_iter=self.max_iter,
-                        working_set=self.working_set)
+            res = solve(
+                prob,
+                W,
+                b,
+                tol=max(self.tol, 1e-4),
+                max_iter=self.max_iter,
+                working_set=self.working_set,
+            )
             W, b = res.W.to(Z.dtype), res.b.to(Z.dtype)
             F = GatedOperator(Z[val], masks[val]).matvec(W) + b
             score = self._validation_score(F, Y[val])
-            path.append({"lam": float(lam), "validation_score": score, "objective": res.cert.primal,
-                         "duality_gap": res.cert.gap})
+            path.append(
+                {
+                    "lam": float(lam),
+                    "validation_score": score,
+                    "objective": res.cert.primal,
+                    "duality_gap": res.cert.gap,
+                }
+            )
             if score > best[0] + 1e-12:
                 best = (score, float(lam), W)
             if progress is not None:
                 progress(0.8 * (k + 1) / len(lams), {"stage": "lam_path", "lam": float(lam)})
-        self._warm_W = best[2]
-        return best[1], path
+        assert best[1] is not None
+        return best[1], path, best[2]
 
     def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
         ss_res = float((F - Y).square().sum())
@@ -265,8 +321,13 @@ class _ConvexMLP:
         self._check_fitted()
         Xt = _as_tensor(X).to(device=self.weights_.device, dtype=self.weights_.dtype)
         if Xt.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {Xt.shape[1]} features, the head was fitted on {self.n_features_in_}")
+            raise ValueError(
+                f"X has {Xt.shape[1]} features, the head was fitted on {self.n_features_in_}"
+            )
         Z = self._augment(Xt)
+        if self.activation == "relu":
+            _, U, V = self._neurons
+            return torch.relu(Z @ U) @ V + self.intercept_
         masks = compute_patterns(Z.to(self.gates_.dtype), self.gates_)
         return GatedOperator(Z, masks).matvec(self.weights_) + self.intercept_
 
@@ -284,9 +345,11 @@ class _ConvexMLP:
 
     # -- export -------------------------------------------------------------------------------
     def to_torch(self) -> torch.nn.Module:
-        """The gated ReLU network (zero neurons pruned) with the same outputs as decision_function."""
+        """The recovered network (zero neurons pruned); its outputs equal decision_function."""
         self._check_fitted()
         owner, U, V = self._neurons
+        if self.activation == "relu":
+            return relu_network(U, V, self.intercept_, self.fit_intercept)
         return gated_network(self.gates_[:, owner], U, V, self.intercept_, self.fit_intercept)
 
     def save(self, path: str | Path) -> None:
@@ -350,7 +413,8 @@ class ConvexMLPClassifier(_ConvexMLP):
         return P.cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(dim=1).cpu().numpy()]
+        best = self.decision_function(X).argmax(dim=1).cpu().numpy()
+        return self.classes_[best]
 
     def score(self, X: Any, y: Any) -> float:
         return float(np.mean(self.predict(X) == np.asarray(y)))
@@ -375,7 +439,9 @@ def _progress_adapter(progress: Progress | None, tol: float):
     def cb(it: int, cert) -> None:
         # Progress in log-gap space: 0 at a gap of 1, 1 at the target tol.
         frac = math.log(max(cert.gap, tol)) / math.log(tol) if cert.gap < 1 else 0.0
-        progress(min(0.99, max(0.0, frac)), {"iteration": it, "gap": cert.gap, "objective": cert.primal})
+        progress(
+            min(0.99, max(0.0, frac)), {"iteration": it, "gap": cert.gap, "objective": cert.primal}
+        )
 
     return cb
 

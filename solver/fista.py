@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .losses import SquaredLoss
-from .problem import Certificate, Problem, certificate
+from .problem import Certificate, ConvexProgram, certificate
 
 EXTRAPOLATION_DEPTH = 5
 
@@ -37,7 +37,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def fista(
-    problem: Problem,
+    problem: ConvexProgram,
     W: torch.Tensor,
     b: torch.Tensor,
     *,
@@ -45,11 +45,12 @@ def fista(
     max_iter: int,
     L: float = 1.0,
     check_every: int = 10,
+    extrapolate_dual: bool = True,
     callback: Callable[[int, Certificate], None] | None = None,
 ) -> FistaResult:
-    op, loss, pen, Y, lam = problem.op, problem.loss, problem.penalty, problem.Y, problem.lam
+    loss, Y = problem.loss, problem.Y
     slack = 64 * torch.finfo(W.dtype).eps
-    AW = op.matvec(W)
+    AW = problem.forward(W)
     Z, bz, AZ = W, b, AW
     t = 1.0
     cert = certificate(problem, W, b, AW)
@@ -57,21 +58,18 @@ def fista(
         b = bz = cert.b
     it = 0
     converged = cert.gap <= tol
-    extrapolate = isinstance(loss, SquaredLoss)
+    extrapolate = isinstance(loss, SquaredLoss) and extrapolate_dual
     history: list[torch.Tensor] = []
     while not converged and it < max_iter:
         it += 1
-        Fz = AZ + bz
-        fz = float(loss.value(Fz, Y))
-        gF = loss.grad(Fz, Y)
-        gW = op.rmatvec(gF)
-        gb = gF.sum(dim=0) if problem.fit_bias else torch.zeros_like(bz)
+        fz = problem.smooth_value(AZ, bz)
+        gW, gb = problem.smooth_grad(AZ, bz)
         L *= 0.9
         while True:
-            W_new = pen.prox(Z - gW / L, lam / L)
+            W_new = problem.prox(Z - gW / L, 1.0 / L)
             b_new = bz - gb / L
-            AW_new = op.matvec(W_new)
-            f_new = float(loss.value(AW_new + b_new, Y))
+            AW_new = problem.forward(W_new)
+            f_new = problem.smooth_value(AW_new, b_new)
             dW, db = W_new - Z, b_new - bz
             quad = _dot(gW, dW) + _dot(gb, db) + 0.5 * L * (_dot(dW, dW) + _dot(db, db))
             if f_new <= fz + quad + slack * abs(fz) or L > 1e30:
@@ -86,7 +84,7 @@ def fista(
         bz = b_new + beta * (b_new - b)
         W, AW, b, t = W_new, AW_new, b_new, t_new
         if extrapolate:
-            history.append(-loss.grad(AW + b, Y))
+            history.append(-loss.grad(problem.outputs(AW) + b, Y))
             del history[: -(EXTRAPOLATION_DEPTH + 1)]
         if it % check_every == 0 or it == max_iter:
             extra = _extrapolate(history) if extrapolate else None
@@ -114,7 +112,9 @@ def _extrapolate(history: list[torch.Tensor]) -> torch.Tensor | None:
     gram = U @ U.T
     ones = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
     try:
-        z = torch.linalg.solve(gram + 1e-14 * gram.trace() * torch.eye(len(ones), dtype=gram.dtype), ones)
+        z = torch.linalg.solve(
+            gram + 1e-14 * gram.trace() * torch.eye(len(ones), dtype=gram.dtype), ones
+        )
     except RuntimeError:
         return None
     c = z / z.sum()

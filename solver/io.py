@@ -13,13 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 TENSORS = ("gates_", "weights_", "intercept_")
-SCALARS = ("lam_", "lam_max_", "objective_", "duality_gap_", "n_iter_", "converged_",
-           "pricing_violation_", "n_features_in_")
+SCALARS = (
+    "lam_",
+    "lam_max_",
+    "objective_",
+    "duality_gap_",
+    "n_iter_",
+    "converged_",
+    "pricing_violation_",
+    "n_features_in_",
+)
 
 
 def _jsonable(v: Any) -> Any:
@@ -35,8 +42,11 @@ def save_head(est: Any, path: Path) -> None:
     meta = {
         "format_version": FORMAT_VERSION,
         "class": type(est).__name__,
-        "params": {k: _jsonable(v) for k, v in est.get_params().items() if k != "gates" or
-                   isinstance(v, (int, np.integer))},
+        "params": {
+            k: _jsonable(v)
+            for k, v in est.get_params().items()
+            if k != "gates" or isinstance(v, (int, np.integer))
+        },
         "fitted": {k: _jsonable(getattr(est, k)) for k in SCALARS if hasattr(est, k)},
     }
     if hasattr(est, "classes_"):
@@ -79,4 +89,3 @@ def load(path: str | Path) -> Any:
 
 
 __all__ = ["load", "load_head", "save_head"]
-

@@ -76,4 +76,7 @@ class CrossEntropyLoss:
         return b
 
 
-LOSSES = {"squared": SquaredLoss, "cross_entropy": CrossEntropyLoss}
+LOSSES: dict[str, type[SquaredLoss] | type[CrossEntropyLoss]] = {
+    "squared": SquaredLoss,
+    "cross_entropy": CrossEntropyLoss,
+}

@@ -43,7 +43,9 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return layer.requires_grad_(False)
 
 
-def split_augmented(M: torch.Tensor, fit_intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_augmented(
+    M: torch.Tensor, fit_intercept: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Split (d [+1], m) first-layer columns into weight (m, d) and bias (m,)."""
     if fit_intercept:
         return M[:-1].T.contiguous(), M[-1].contiguous()
@@ -61,13 +63,19 @@ def gated_network(
     return GatedReLUNetwork(_linear(gw, gb), _linear(uw, ub), _linear(V.T.contiguous(), b))
 
 
-def relu_network(U: torch.Tensor, V: torch.Tensor, b: torch.Tensor, fit_intercept: bool) -> ReLUNetwork:
+def relu_network(
+    U: torch.Tensor, V: torch.Tensor, b: torch.Tensor, fit_intercept: bool
+) -> ReLUNetwork:
     uw, ub = split_augmented(U, fit_intercept)
     return ReLUNetwork(_linear(uw, ub), _linear(V.T.contiguous(), b))
 
 
-def factor_blocks(W: torch.Tensor, rtol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split gate blocks W_i (d, c) into neurons by SVD: W_i = sum_k (sqrt(s_k) a_k)(sqrt(s_k) b_k)^T.
+def factor_blocks(
+    W: torch.Tensor, rtol: float = 1e-9
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split gate blocks W_i (d, c) into neurons by SVD.
+
+    W_i = sum_k (sqrt(s_k) a_k)(sqrt(s_k) b_k)^T.
 
     Returns (owner (m,) gate index of each neuron, U (d, m), V (m, c)); singular values below
     rtol times the largest of all blocks are dropped. Each neuron's first- and second-layer
@@ -83,3 +91,20 @@ def factor_blocks(W: torch.Tensor, rtol: float = 1e-9) -> tuple[torch.Tensor, to
     U = (A[gate_idx, :, comp] * root.unsqueeze(1)).T
     V = Bh[gate_idx, comp, :] * root.unsqueeze(1)
     return gate_idx, U.contiguous(), V.contiguous()
+
+
+def relu_neurons(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Neurons of an exact ReLU head with blocks U = [V; W] (2p, d, c), one per nonzero column.
+
+    Column k of V_i gives the neuron (v / sqrt||v||, +sqrt||v|| e_k); of W_i, (w / sqrt||w||,
+    -sqrt||w|| e_k). Returns (block index (m,), first layer (d, m), second layer (m, c)).
+    """
+    q, _, c = U.shape
+    norms = torch.linalg.vector_norm(U, dim=1)  # (2p, c)
+    block, cls = torch.nonzero(norms > 0, as_tuple=True)
+    root = norms[block, cls].sqrt()
+    first = (U[block, :, cls] / root.unsqueeze(1)).T
+    sign = torch.where(block < q // 2, 1.0, -1.0).to(U.dtype)
+    second = U.new_zeros(block.numel(), c)
+    second[torch.arange(block.numel()), cls] = sign * root
+    return block, first.contiguous(), second

@@ -61,4 +61,7 @@ class GroupNuclear:
         return V @ (Q * shrink.unsqueeze(1)) @ Q.transpose(1, 2)
 
 
-PENALTIES = {"frobenius": GroupFrobenius, "nuclear": GroupNuclear}
+PENALTIES: dict[str, type[GroupFrobenius] | type[GroupNuclear]] = {
+    "frobenius": GroupFrobenius,
+    "nuclear": GroupNuclear,
+}

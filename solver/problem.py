@@ -1,20 +1,45 @@
-"""A fixed-gate convex program and its duality gap.
+"""Fixed-gate convex programs and their duality gap.
+
+Gated ReLU (``Problem``):
 
     minimize_{W, b}  f(A(W) + 1 b^T) + lam * sum_i ||W_i||
 
-with A the gated operator, f a loss from ``losses`` and ||.|| a penalty from ``penalties``.
+with A the gated operator, f a loss from ``losses`` and ||.|| a penalty from ``penalties``;
 b is an unpenalized output bias (absent when ``fit_bias`` is False).
+
+A problem exposes what the first-order solvers need: ``forward`` (a linear map of W whose
+value the loss reads), ``outputs`` (model outputs from that value), ``smooth_value`` and
+``smooth_grad``, ``prox``, ``penalty_value``, and ``dual_norms`` (the dual-constraint norms of
+a dual direction theta, one per group), from which ``certificate`` builds the gap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from .losses import CrossEntropyLoss, SquaredLoss
 from .operator import GatedOperator
 from .penalties import GroupFrobenius, GroupNuclear
+
+
+class ConvexProgram(Protocol):
+    Y: torch.Tensor
+    loss: SquaredLoss | CrossEntropyLoss
+    lam: float
+    fit_bias: bool
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor: ...
+    def outputs(self, AW: torch.Tensor) -> torch.Tensor: ...
+    def smooth_value(self, AW: torch.Tensor, b: torch.Tensor) -> float: ...
+    def smooth_grad(
+        self, AW: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def prox(self, V: torch.Tensor, step: float) -> torch.Tensor: ...
+    def penalty_value(self, W: torch.Tensor) -> torch.Tensor: ...
+    def dual_norms(self, theta: torch.Tensor, AW: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -27,7 +52,9 @@ class Problem:
     fit_bias: bool
 
     def restrict(self, idx: torch.Tensor) -> Problem:
-        return Problem(self.op.restrict(idx), self.Y, self.loss, self.penalty, self.lam, self.fit_bias)
+        return Problem(
+            self.op.restrict(idx), self.Y, self.loss, self.penalty, self.lam, self.fit_bias
+        )
 
     def to(self, dtype: torch.dtype) -> Problem:
         return Problem(
@@ -37,8 +64,28 @@ class Problem:
     def zero_bias(self) -> torch.Tensor:
         return torch.zeros(self.Y.shape[1], dtype=self.Y.dtype, device=self.Y.device)
 
-    def objective(self, W: torch.Tensor, b: torch.Tensor, AW: torch.Tensor) -> torch.Tensor:
-        return self.loss.value(AW + b, self.Y) + self.lam * self.penalty.value(W)
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return self.op.matvec(W)
+
+    def outputs(self, AW: torch.Tensor) -> torch.Tensor:
+        return AW
+
+    def smooth_value(self, AW: torch.Tensor, b: torch.Tensor) -> float:
+        return float(self.loss.value(AW + b, self.Y))
+
+    def smooth_grad(self, AW: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gF = self.loss.grad(AW + b, self.Y)
+        gb = gF.sum(dim=0) if self.fit_bias else torch.zeros_like(b)
+        return self.op.rmatvec(gF), gb
+
+    def prox(self, V: torch.Tensor, step: float) -> torch.Tensor:
+        return self.penalty.prox(V, self.lam * step)
+
+    def penalty_value(self, W: torch.Tensor) -> torch.Tensor:
+        return self.penalty.value(W)
+
+    def dual_norms(self, theta: torch.Tensor, AW: torch.Tensor) -> torch.Tensor:
+        return self.penalty.dual_norms(self.op.rmatvec(theta))
 
 
 @dataclass
@@ -47,12 +94,12 @@ class Certificate:
     dual: float
     gap: float  # relative: (primal - dual) / max(|primal|, tiny)
     b: torch.Tensor  # the output bias the primal value was evaluated with
-    dual_norms: torch.Tensor  # ||A_i^T theta||_dual for every gate, before scaling
+    dual_norms: torch.Tensor  # dual-constraint norm of every group, before scaling
     theta: torch.Tensor  # (n, c): the unscaled dual direction -grad f
 
 
 def certificate(
-    problem: Problem,
+    problem: Any,
     W: torch.Tensor,
     b: torch.Tensor,
     AW: torch.Tensor,
@@ -62,40 +109,32 @@ def certificate(
 
     With a bias, b is first set to its exact minimizer for the current W, so the residual
     direction theta = -grad f has zero column sums (the dual constraint of an unpenalized b).
-    theta is scaled by s = min(1, lam / max_i ||A_i^T theta||_dual) into the dual feasible set;
+    theta is scaled by s = min(1, lam / max_i dual_norm_i(theta)) into the dual feasible set;
     for the squared loss s is further chosen on [0, that bound] to maximize the dual.
+    ``extra_dual`` is a second candidate direction (e.g. extrapolated); the better dual wins.
     """
     Y, loss = problem.Y, problem.loss
+    F = problem.outputs(AW)
     if problem.fit_bias:
-        b = loss.optimal_bias(AW, Y, b)
-    F = AW + b
-    primal = loss.value(F, Y) + problem.lam * problem.penalty.value(W)
-    theta = -loss.grad(F, Y)
-    norms = problem.penalty.dual_norms(problem.op.rmatvec(theta))
+        b = loss.optimal_bias(F, Y, b)
+    primal = float(loss.value(F + b, Y) + problem.lam * problem.penalty_value(W))
+    theta = -loss.grad(F + b, Y)
+    norms = problem.dual_norms(theta, AW)
+    dual = _scaled_dual(problem, theta, norms)
+    if extra_dual is not None and isinstance(loss, SquaredLoss):
+        if problem.fit_bias:
+            extra_dual = extra_dual - extra_dual.mean(dim=0)
+        dual = max(dual, _scaled_dual(problem, extra_dual, problem.dual_norms(extra_dual, AW)))
+    gap = max(primal - dual, 0.0) / max(abs(primal), torch.finfo(torch.float64).tiny)
+    return Certificate(primal, dual, gap, b, norms, theta)
+
+
+def _scaled_dual(problem: Any, theta: torch.Tensor, norms: torch.Tensor) -> float:
+    Y = problem.Y
     top = float(norms.max()) if norms.numel() else 0.0
     s = 1.0 if top <= problem.lam else problem.lam / top
-    if isinstance(loss, SquaredLoss):
+    if isinstance(problem.loss, SquaredLoss):
         tt = float(theta.square().sum())
         if tt > 0:
             s = min(s, max(0.0, float((theta * Y).sum()) / (Y.shape[0] * tt)))
-    dual = float(loss.dual(s * theta, Y))
-    if extra_dual is not None:
-        dual = max(dual, _dual_value(problem, extra_dual))
-    p = float(primal)
-    gap = max(p - dual, 0.0) / max(abs(p), torch.finfo(torch.float64).tiny)
-    return Certificate(p, dual, gap, b, norms, theta)
-
-
-def _dual_value(problem: Problem, theta: torch.Tensor) -> float:
-    """Dual objective at theta scaled into the feasible set (squared loss only: any theta is
-    in the conjugate's domain once its column means are removed for the bias)."""
-    Y = problem.Y
-    if problem.fit_bias:
-        theta = theta - theta.mean(dim=0)
-    norms = problem.penalty.dual_norms(problem.op.rmatvec(theta))
-    top = float(norms.max()) if norms.numel() else 0.0
-    s = 1.0 if top <= problem.lam else problem.lam / top
-    tt = float(theta.square().sum())
-    if tt > 0:
-        s = min(s, max(0.0, float((theta * Y).sum()) / (Y.shape[0] * tt)))
     return float(problem.loss.dual(s * theta, Y))

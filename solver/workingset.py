@@ -93,7 +93,8 @@ def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset):
         ws = new
         full = ws.numel() == p
         sub = problem if full else problem.restrict(ws)
-        cb = None if callback is None else (lambda k, c: callback(offset + used + k, c))
+        base = offset + used
+        cb = None if callback is None else (lambda k, c, base=base: callback(base + k, c))
         res = fista(
             sub, W[ws], b, tol=tol if full else 0.5 * tol, max_iter=budget - used, L=L, callback=cb
         )

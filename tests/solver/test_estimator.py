@@ -1,0 +1,178 @@
+"""The estimator's contract: lam_max, recovery, storage, errors, warnings, pricing, lam='auto'."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from solver import ConvergenceWarning, ConvexMLPClassifier, ConvexMLPRegressor, load
+
+from .conftest import small_problem
+
+
+@pytest.mark.parametrize("penalty", ["nuclear", "frobenius"])
+@pytest.mark.parametrize("loss", ["squared", "cross_entropy"])
+def test_lam_at_lam_max_gives_exactly_zero(loss, penalty):
+    X, y = small_problem(seed=5)
+    probe = ConvexMLPClassifier(gates=6, lam=1.0, loss=loss, penalty=penalty, random_state=0).fit(
+        X, y
+    )
+    at = ConvexMLPClassifier(
+        gates=6, lam=probe.lam_max_, loss=loss, penalty=penalty, random_state=0
+    ).fit(X, y)
+    assert bool((at.weights_ == 0).all()) and at.n_neurons_ == 0
+    below = ConvexMLPClassifier(
+        gates=6, lam=0.9 * probe.lam_max_, loss=loss, penalty=penalty, random_state=0
+    ).fit(X, y)
+    assert below.n_neurons_ > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"penalty": "nuclear"},
+        {"penalty": "frobenius"},
+        {"penalty": "nuclear", "loss": "squared"},
+        {"penalty": "nuclear", "fit_intercept": False},
+    ],
+)
+def test_recovered_gated_network_reproduces_predictions(kwargs):
+    X, y = small_problem(seed=6)
+    clf = ConvexMLPClassifier(gates=8, lam=0.01, random_state=0, **kwargs).fit(X, y)
+    net = clf.to_torch()
+    assert isinstance(net, torch.nn.Module)
+    out = net(torch.as_tensor(X))
+    assert torch.allclose(out, clf.decision_function(X), atol=1e-10)
+    assert net.hidden.out_features == clf.n_neurons_
+
+
+def test_recovered_nuclear_network_has_the_convex_objective():
+    """loss + lam/2 (||W1||^2 + ||W2||^2) of the recovered gated network (hidden biases are part
+    of W1; the output bias is unpenalized) equals the convex objective."""
+    X, y = small_problem(seed=7)
+    lam = 0.01
+    clf = ConvexMLPClassifier(gates=8, lam=lam, penalty="nuclear", random_state=0).fit(X, y)
+    net = clf.to_torch()
+    logits = net(torch.as_tensor(X))
+    ce = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y))
+    decay = (
+        lam
+        / 2
+        * (
+            net.hidden.weight.square().sum()
+            + net.hidden.bias.square().sum()
+            + net.output.weight.square().sum()
+        )
+    )
+    assert float(ce + decay) == pytest.approx(clf.objective_, rel=1e-9)
+
+
+def test_save_load_roundtrip(tmp_path):
+    X, y = small_problem(seed=8)
+    y = np.array(["cat", "dog", "emu"])[y]
+    clf = ConvexMLPClassifier(gates=8, lam=0.01, random_state=0).fit(X, y)
+    clf.save(tmp_path / "head")
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == [
+        "head.json",
+        "tensors.safetensors",
+    ]
+    meta = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert meta["classes"] == ["cat", "dog", "emu"]
+    again = load(tmp_path / "head")
+    assert isinstance(again, ConvexMLPClassifier)
+    assert np.array_equal(again.predict(X), clf.predict(X))
+    assert np.allclose(again.predict_proba(X), clf.predict_proba(X))
+    assert again.duality_gap_ == clf.duality_gap_
+
+
+def test_gates_array_is_used_as_given():
+    X, y = small_problem(seed=9, d=3)
+    G = np.random.default_rng(0).standard_normal((3, 5))
+    clf = ConvexMLPClassifier(gates=G, lam=0.01, fit_intercept=False).fit(X, y)
+    kept = clf.gates_.numpy()
+    # Every kept gate is one of the given columns (duplicates/empty patterns dropped).
+    assert all(any(np.allclose(k, g) for g in G.T) for k in kept.T)
+
+
+def test_convergence_warning_at_max_iter():
+    X, y = small_problem(seed=10)
+    with pytest.warns(ConvergenceWarning):
+        clf = ConvexMLPClassifier(gates=8, lam=1e-3, max_iter=3, random_state=0).fit(X, y)
+    assert not clf.converged_ and clf.duality_gap_ > clf.tol
+
+
+@pytest.mark.parametrize(
+    "kwargs, X, y, message",
+    [
+        ({"activation": "tanh"}, np.ones((4, 2)), [0, 1, 0, 1], "activation"),
+        ({"penalty": "l1"}, np.ones((4, 2)), [0, 1, 0, 1], "penalty"),
+        ({"lam": -1.0}, np.ones((4, 2)), [0, 1, 0, 1], "lam"),
+        ({}, np.array([[np.nan, 1.0], [0, 1], [1, 0], [1, 1]]), [0, 1, 0, 1], "NaN"),
+        ({}, np.ones((4, 2)), [0, 0, 0, 0], "2 classes"),
+        ({}, np.ones((4, 2)), [0, 1, 0], "samples"),
+    ],
+)
+def test_bad_input_is_refused_clearly(kwargs, X, y, message):
+    with pytest.raises(ValueError, match=message):
+        ConvexMLPClassifier(**kwargs).fit(X, y)
+
+
+def test_predict_refuses_wrong_width_and_unfitted():
+    X, y = small_problem(seed=11)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ConvexMLPClassifier().predict(X)
+    clf = ConvexMLPClassifier(gates=4, lam=0.01, random_state=0).fit(X, y)
+    with pytest.raises(ValueError, match="features"):
+        clf.predict(X[:, :2])
+
+
+def test_pricing_reports_the_dual_constraint_on_fresh_gates():
+    X, y = small_problem(seed=12, n=60)
+    few = ConvexMLPClassifier(gates=2, lam=0.005, random_state=0).fit(X, y)
+    many = ConvexMLPClassifier(gates=200, lam=0.005, random_state=0).fit(X, y)
+    # With 2 gates the sampled program misses patterns that would help; with 200 far fewer.
+    assert few.pricing_violation_ > 1.0
+    assert many.pricing_violation_ < few.pricing_violation_
+
+
+def test_lam_auto_picks_from_a_warm_started_path():
+    X, y = small_problem(seed=13, n=120)
+    clf = ConvexMLPClassifier(gates=8, lam="auto", n_lams=6, random_state=0).fit(X, y)
+    lams = [row["lam"] for row in clf.path_]
+    assert lams == sorted(lams, reverse=True) and lams[0] == pytest.approx(clf.lam_max_)
+    best = max(clf.path_, key=lambda r: r["validation_score"])
+    assert clf.lam_ == best["lam"]
+    assert clf.score(X, y) > 0.6
+
+
+def test_float32_inputs_are_polished_to_the_certificate():
+    X, y = small_problem(seed=14)
+    clf64 = ConvexMLPClassifier(gates=8, lam=0.01, random_state=0).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        clf32 = ConvexMLPClassifier(gates=8, lam=0.01, random_state=0).fit(X.astype(np.float32), y)
+    assert clf32.duality_gap_ <= 1e-6
+    assert clf32.objective_ == pytest.approx(clf64.objective_, rel=1e-5)
+
+
+def test_regressor_fits_a_relu_shaped_target():
+    rng = np.random.default_rng(15)
+    X = rng.standard_normal((200, 2))
+    y = np.maximum(X[:, 0], 0) - np.maximum(X[:, 1], 0)
+    reg = ConvexMLPRegressor(gates=32, lam=1e-4, random_state=0).fit(X, y)
+    assert reg.score(X, y) > 0.95
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_inputs_fit_on_the_gpu_and_match_the_cpu():
+    X, y = small_problem(seed=16, n=200)
+    cpu = ConvexMLPClassifier(gates=16, lam=0.01, random_state=0).fit(X, y)
+    Xg = torch.as_tensor(X, device="cuda")
+    gpu = ConvexMLPClassifier(gates=16, lam=0.01, random_state=0).fit(Xg, y)
+    assert gpu.weights_.device.type == "cuda"
+    assert gpu.duality_gap_ <= 1e-6
+    assert gpu.objective_ == pytest.approx(cpu.objective_, rel=1e-5)
+    assert np.array_equal(gpu.predict(Xg), cpu.predict(X))
