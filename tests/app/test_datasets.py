@@ -142,3 +142,13 @@ def test_upload_needs_multipart_file_field(client, auth):
     assert r.status_code == 415
     r = client.post("/v1/datasets", headers=auth, files={"other": ("a.npz", b"x")})
     assert r.status_code == 422 and "file" in r.json()["detail"]
+
+
+def test_csv_manifest_with_images_in_a_zip(client, auth, upload_file):
+    members = {f"img/{i}.png": _png(i) for i in range(6)}
+    members["labels.csv"] = (
+        "path,label\n" + "".join(f"img/{i}.png,{'odd' if i % 2 else 'even'}\n" for i in range(6))
+    ).encode()
+    r = upload_file(auth, _zip(members), filename="manifest.zip")
+    assert r.status_code == 201, r.text
+    assert r.json()["class_counts"] == {"even": 3, "odd": 3}
