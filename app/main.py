@@ -55,6 +55,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx.serving.preload()
         yield
         close = getattr(queue, "close", None)
         if close:

@@ -53,6 +53,14 @@ class Serving:
         Z = await asyncio.wrap_future(future)
         return await run_in_threadpool(self.server.predict_embeddings, head, Z)
 
+    def preload(self) -> None:
+        """Load the configured backbones in the background; requests do not wait for it."""
+        import threading
+
+        names = [n.strip() for n in self.settings.serving_preload.split(",") if n.strip()]
+        for name in names:
+            threading.Thread(target=self.server.warm, args=(name,), daemon=True).start()
+
     def forget_head(self, head_id: str) -> None:
         if self._server is not None:
             self._server.forget_head(head_id)

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     serving_max_backbones: int = 2
     serving_max_batch: int = 32
     serving_max_wait_ms: float = 5.0
+    # Backbones to load when the API starts (comma-separated), so no request pays for it.
+    serving_preload: str = ""
 
     @property
     def resolved_database_url(self) -> str:
