@@ -95,6 +95,34 @@ async def receive(request: Request, dest_dir: Path, limit: int, max_files: int =
     return upload
 
 
+async def receive_small(request: Request, limit: int, max_files: int) -> list[tuple[str, bytes]]:
+    """(field, bytes) of each file part, kept in memory: for predict requests of a few images,
+    where writing temporary files would cost more than the images themselves."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise InvalidInput(
+            "send images as multipart/form-data (field 'files') or JSON {\"embeddings\": ...}",
+            status=415,
+            code="unsupported_media_type",
+        )
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"request of {length} bytes is larger than the limit of {limit}")
+    parser = MultiPartParser(
+        request.headers, _limited(request, limit), max_files=max_files, max_fields=100
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise InvalidInput(f"malformed multipart body: {e.message}") from e
+    out = []
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            out.append((name, await value.read()))
+            await value.close()
+    return out
+
+
 def move_into(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(src, dst)

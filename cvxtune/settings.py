@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     serving_max_heads: int = 64
     serving_max_backbones: int = 2
     serving_max_batch: int = 32
-    serving_max_wait_ms: float = 5.0
+    # 0: no added wait; a batch is whatever queued while the previous one ran (continuous
+    # batching), so one client pays nothing and many clients share forwards.
+    serving_max_wait_ms: float = 0.0
     # Backbones to load when the API starts (comma-separated), so no request pays for it.
     serving_preload: str = ""
 

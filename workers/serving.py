@@ -1,7 +1,8 @@
 """Online prediction: backbones and heads kept loaded, requests batched dynamically.
 
 Heads are small (kilobytes to megabytes) and load in milliseconds, so many share one loaded
-backbone. Concurrent image requests for the same backbone are queued for at most `max_wait_ms`
+backbone. Image requests for the same backbone queue while a batch runs, then go through as one
+batch (optionally waiting up to `max_wait_ms` for more)
 and run through the backbone as one batch: on a GPU a batch costs little more than one image.
 The API process owns one `Server`; nothing here knows about HTTP or the database.
 """
@@ -162,7 +163,7 @@ class Server:
         max_heads: int = 64,
         max_backbones: int = 2,
         max_batch: int = 32,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         device: str = "cpu",
     ):
         self.weights_dir, self.allow_random, self.device = weights_dir, allow_random, device

@@ -115,13 +115,8 @@ async def predict(
                 "this head was fitted on embeddings without a backbone; "
                 'send {"embeddings": ...} instead of images'
             )
-        up = await uploads.receive(
-            request, ctx.settings.uploads_dir, MAX_PREDICT_BYTES, max_files=MAX_PREDICT_FILES
-        )
-        try:
-            images = [f.path.read_bytes() for f in up.files if f.field == "files"]
-        finally:
-            up.cleanup()
+        parts = await uploads.receive_small(request, MAX_PREDICT_BYTES, MAX_PREDICT_FILES)
+        images = [data for field, data in parts if field == "files"]
         if not images:
             raise InvalidInput("send one or more images as multipart field 'files'")
         preds = await ctx.serving.predict_images(head_id, head_dir, classes, backbone, images)

@@ -61,7 +61,7 @@ def test_job_survives_its_worker_process_being_killed(service, alpha, dataset, w
         "dataset_id": dataset["id"],
         "lam": 1e-3,
         "seed": 5,
-        "head": {"gates": 32, "tol": 1e-15, "max_iter": 400},
+        "head": {"gates": 32, "tol": 1e-15, "max_iter": 1000},
     }
     with service.client(alpha) as c:
         job = c.post("/v1/finetunes", json=body).json()
