@@ -336,7 +336,7 @@ def lam_max_squared(X, y, G) -> float:
     return float(np.linalg.norm(X.T @ (D * y[:, None]), axis=0).max() / len(y))
 
 
-def binary_tasks(name: str, D: dict, quick: bool) -> list[tuple[str, dict]]:
+def binary_tasks(name: str, D: dict, quick: bool, max_tasks: int = 2) -> list[tuple[str, dict]]:
     def task(label, fn, keep=None):
         tr = np.ones(len(D["ytr"]), bool) if keep is None else keep(D["ytr"])
         te = np.ones(len(D["yte"]), bool) if keep is None else keep(D["yte"])
@@ -360,7 +360,7 @@ def binary_tasks(name: str, D: dict, quick: bool) -> list[tuple[str, dict]]:
             task("even vs odd", lambda y: y % 2 == 0),
             task("3 vs 8", lambda y: y == 3, lambda y: (y == 3) | (y == 8)),
         ]
-    return tasks[:1] if quick else tasks
+    return tasks[:1] if quick else tasks[:max_tasks]
 
 
 def bench_pyscnn(datasets: dict, args) -> list[dict]:
@@ -369,7 +369,7 @@ def bench_pyscnn(datasets: dict, args) -> list[dict]:
     ratios = [1e-2] if args.quick else args.ratios
     for dname, D in datasets.items():
         U = unitize(D)
-        for tname, T in binary_tasks(dname, U, args.quick):
+        for tname, T in binary_tasks(dname, U, args.quick, args.max_tasks):
             X, y = T["Xtr"], T["ytr"]
             G = np.random.default_rng(778).standard_normal((X.shape[1], p))
             lmax = lam_max_squared(X, y, G)
@@ -463,7 +463,7 @@ def fit_convex_classifier(D: dict, gates: int, lam, device: str, args) -> dict:
         loss="cross_entropy",
         fit_intercept=True,
         random_state=0,
-        max_iter=args.max_iter,
+        max_iter=args.mc_max_iter or args.max_iter,
         working_set=bool(args.mc_working_set),
     )
     with warnings.catch_warnings():
@@ -585,7 +585,7 @@ def bench_multiclass(datasets: dict, args) -> list[dict]:
             "cvx_lam_max": getattr(est, "lam_max_", None),
             "load": load_now(),
             "cvx_working_set": bool(args.mc_working_set),
-            "cvx_max_iter": args.max_iter,
+            "cvx_max_iter": args.mc_max_iter or args.max_iter,
             "cvx_seconds": cv["seconds"],
             "cvx_objective": cv["objective"],
             "cvx_own_objective": est.objective_,
@@ -832,6 +832,8 @@ def main() -> None:
         help="pyscnn part: cvxtune working_set values to run (1 = the default)",
     )
     ap.add_argument("--max-iter", type=int, default=2000, help="cvxtune max_iter (both parts)")
+    ap.add_argument("--max-tasks", type=int, default=2, help="binary tasks per dataset (1 or 2)")
+    ap.add_argument("--mc-max-iter", type=int, default=None, help="multi-class max_iter")
     ap.add_argument("--gates", type=int, default=128, help="gates of the multi-class head")
     ap.add_argument(
         "--lam",
