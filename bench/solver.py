@@ -707,7 +707,7 @@ def _scaling_point(n: int, p: int, d: int, c: int, iters: int, device: str) -> d
 
 def bench_scaling(args) -> list[dict]:
     d, c = 128, 10
-    iters = 3 if args.quick else 10
+    iters = 3 if args.quick else args.scaling_iters
     if args.quick:
         grid = [(2_000, 128), (8_000, 128), (4_000, 64), (4_000, 512)]
     else:
@@ -832,6 +832,7 @@ def main() -> None:
         help="pyscnn part: cvxtune working_set values to run (1 = the default)",
     )
     ap.add_argument("--max-iter", type=int, default=2000, help="cvxtune max_iter (both parts)")
+    ap.add_argument("--scaling-iters", type=int, default=10, help="iterations timed per point")
     ap.add_argument("--max-tasks", type=int, default=2, help="binary tasks per dataset (1 or 2)")
     ap.add_argument("--mc-max-iter", type=int, default=None, help="multi-class max_iter")
     ap.add_argument("--gates", type=int, default=128, help="gates of the multi-class head")
