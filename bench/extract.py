@@ -28,17 +28,18 @@ import numpy as np
 import torch
 
 from workers.backbones import CATALOGUE, load_backbone
-from workers.datasets import open_dataset
+from workers.datasets import decode_image, open_dataset
 from workers.extract import Normalizer, extract, forward, preprocess, stack_uint8
 from workers.sample_data import balanced_indices, load_fashion_mnist, write_imagefolder
 
 BATCH_SIZES = (8, 16, 32, 64)
 # name -> (decoding processes, where uint8 -> float happens)
+STAGES = ("decode", "resize_crop", "normalize", "preprocessing", "forward", "ceiling_ratio")
 PIPELINES = {
     "w0": (0, "main"),
-    "w1": (1, "workers"),
-    "w1-main": (1, "main"),
-    "w2": (2, "workers"),
+    "w1": (1, "main"),  # the default on 2 cores
+    "w1-workers": (1, "workers"),
+    "w2": (2, "main"),
 }
 
 
@@ -115,6 +116,53 @@ def pipeline_rate(bb, data: Path, batch_size: int, config: str) -> dict:
     }
 
 
+def stage_costs(name: str, data: Path, images: int = 128) -> dict:
+    """CPU ms per image of each stage, one thread, from process CPU time: what a busy machine
+    disturbs least. The pipeline can reach at most forward / (forward + preprocessing) of the
+    bare forward's rate when both share the same cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bb = load_backbone(name, allow_random=True)
+        pre = bb.spec.preprocessing
+        with open_dataset(data) as ds:
+            n = min(images, len(ds))
+            c0 = time.process_time()
+            raw = [ds.read_bytes(i) for i in range(n)]
+            c1 = time.process_time()
+            imgs = [decode_image(r) for r in raw]
+            c2 = time.process_time()
+            arrays = [preprocess(im, pre) for im in imgs]
+            c3 = time.process_time()
+            batches = [
+                torch.from_numpy(stack_uint8(arrays[s : s + 32], pre)) for s in range(0, n, 32)
+            ]
+            c4 = time.process_time()
+            xs = [Normalizer(pre)(b) for b in batches]
+            c5 = time.process_time()
+        with torch.inference_mode():
+            forward(bb, xs[0], "pooled")
+            c6 = time.process_time()
+            for x in xs:
+                forward(bb, x, "pooled")
+            c7 = time.process_time()
+    finally:
+        torch.set_num_threads(threads)
+    ms = {
+        "read": c1 - c0,
+        "decode": c2 - c1,
+        "resize_crop": c3 - c2,
+        "stack": c4 - c3,
+        "normalize": c5 - c4,
+        "forward": c7 - c6,
+    }
+    ms = {k: 1e3 * v / n for k, v in ms.items()}
+    prep = sum(v for k, v in ms.items() if k != "forward")
+    ms["preprocessing"] = prep
+    ms["ceiling_ratio"] = ms["forward"] / (ms["forward"] + prep)
+    return ms
+
+
 def bench_backbone(name: str, data: Path, args) -> dict:
     t0 = time.perf_counter()
     bb = load_backbone(name, allow_random=True)
@@ -175,6 +223,9 @@ def main() -> None:
     p.add_argument("--pipelines", nargs="*", default=list(PIPELINES), choices=list(PIPELINES))
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--stages", action="store_true", help="only the per-stage CPU cost (fast, robust)"
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "extract.json"))
     args = p.parse_args()
     if args.threads:
@@ -191,6 +242,14 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(args.n, Path(tmp))
+        if args.stages:
+            print(f"{'backbone':<24}" + "".join(f"{k:>14}" for k in STAGES))
+            for name in args.backbones:
+                ms = stage_costs(name, data)
+                results.append({"backbone": name, "cpu_ms_per_image": ms})
+                print(f"{name:<24}" + "".join(f"{ms[k]:>14.3f}" for k in STAGES), flush=True)
+            _save(args, machine, results)
+            return
         for name in args.backbones:
             results.append(bench_backbone(name, data, args))
     machine["load_average_at_end"] = os.getloadavg()
@@ -203,6 +262,11 @@ def main() -> None:
         med = r["median_paired_ratio"][best["config"]]
         cpu = r["cpu_ratio"][best["config"]]
         print(f"{r['backbone']:<24}{bare:>22}{pipe:>22}{r['ratio']:>8.2f}{med:>8.2f}{cpu:>8.2f}")
+    _save(args, machine, results)
+
+
+def _save(args, machine: dict, results: list) -> None:
+    machine["load_average_at_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine, "args": vars(args), "results": results}

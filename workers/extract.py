@@ -148,9 +148,9 @@ def forward(bb: Backbone, x: Any, output: str) -> Any:
 class _Batches:
     """Map-style dataset whose item k is batch k, decoded and stacked (runs in workers).
 
-    With `normalize` (CPU extraction) the worker also produces the float batch, leaving the
-    main process nothing but the forward pass; on CUDA batches stay uint8, a quarter of the
-    bytes to pin and copy, and are normalised on the device.
+    By default batches leave the workers as uint8 (a twelfth of the float bytes for grayscale)
+    and are normalised where the model runs; with `normalize` (CPU only) the worker also
+    produces the float batch.
     """
 
     def __init__(
@@ -194,7 +194,7 @@ def _identity(item: Any) -> Any:
 
 
 def default_num_workers() -> int:
-    """Decoding processes: measured best on 2 cores is 1 (see bench/README.md)."""
+    """One decoding process per two cores, so decoding overlaps the forward (bench/README.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(8, (cores or 1) // 2))
 
@@ -277,8 +277,8 @@ def extract(
     output: "pooled" (n, d), "feature_map" (n, C, H, W) or "tokens" (n, T, d).
     cache_dir: where results are kept by content hash; None computes without caching.
     batch_size, num_workers (decoding processes), num_threads (torch's, in this process):
-    None picks the measured defaults; normalize_in_workers (CPU only, default true when
-    there are workers) moves the uint8 -> float pass off the process running the model.
+    None picks the measured defaults; normalize_in_workers (CPU only, default false) moves
+    the uint8 -> float pass into the decoding processes.
     progress(fraction, images_per_s, eta_s) is called after every batch.
     Raises WeightsUnavailable, DatasetError (unusable data; bad images under "fail").
     """
@@ -446,7 +446,9 @@ def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> d
     batch_size = opts.batch_size or DEFAULT_BATCH_SIZE.get(device_kind, 32)
     workers = default_num_workers() if opts.num_workers is None else opts.num_workers
     normalize = Normalizer(bb.spec.preprocessing, bb.device)
-    in_workers = device_kind == "cpu" and workers > 0 and opts.normalize_in_workers is not False
+    # Measured (bench/README.md): shipping uint8 and normalising here into a reused buffer
+    # costs less CPU per image than shipping float batches through shared memory.
+    in_workers = device_kind == "cpu" and workers > 0 and bool(opts.normalize_in_workers)
     batches = _Batches(ds, batch_size, bb.spec.preprocessing, normalize if in_workers else None)
     n, done, bad = len(ds), 0, {}
     t0 = time.perf_counter()
