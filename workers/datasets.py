@@ -82,6 +82,7 @@ class _Store:
     """Random access to the files of an archive or directory, safe to use after fork."""
 
     label: str
+    limits: Limits
 
     def members(self) -> dict[str, int]:
         """name -> size in bytes, for every regular file."""
@@ -428,7 +429,8 @@ class ImageDataset:
 
     def load_image(self, i: int) -> Any:
         """Sample i decoded and converted to RGB or L (PIL.Image)."""
-        return decode_image(self.read_bytes(i), name=self.paths[i])
+        max_pixels = self.store.limits.max_image_pixels
+        return decode_image(self.read_bytes(i), name=self.paths[i], max_pixels=max_pixels)
 
     def iter_images(self) -> Iterator[tuple[str, int, Any]]:
         """Stream (path, label, PIL image) in order, one member read at a time."""

@@ -163,7 +163,7 @@ class _Batches:
         self.ds, self.pre, self.normalize = ds, pre, normalize
         n = len(ds)
         self.bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-        self.max_pixels = ds.store.limits.max_image_pixels  # type: ignore[attr-defined]
+        self.max_pixels = ds.store.limits.max_image_pixels
 
     def __len__(self) -> int:
         return len(self.bounds)
