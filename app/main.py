@@ -48,7 +48,7 @@ def create_app(
     ctx = Context(
         settings=settings,
         sessions=sessionmaker_for(url),
-        store=open_store(settings.resolved_artifacts_url, settings.cache_dir),
+        store=open_store(settings.resolved_artifacts_url, settings.store_cache_dir),
         queue=queue,
         serving=Serving(settings),
     )

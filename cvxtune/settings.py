@@ -63,7 +63,13 @@ class Settings(BaseSettings):
 
     @property
     def cache_dir(self) -> Path:
+        """The embedding cache, by content hash; `cvxtune embed` uses the same one by default."""
         return self.data_dir / "cache"
+
+    @property
+    def store_cache_dir(self) -> Path:
+        """Local copies of objects from a remote (S3) artifact store."""
+        return self.data_dir / "store-cache"
 
     @property
     def uploads_dir(self) -> Path:

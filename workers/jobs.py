@@ -48,7 +48,7 @@ class Env:
 
     @cached_property
     def store(self) -> ArtifactStore:
-        return open_store(self.settings.resolved_artifacts_url, self.settings.cache_dir)
+        return open_store(self.settings.resolved_artifacts_url, self.settings.store_cache_dir)
 
 
 def default_env() -> Env:
@@ -220,7 +220,7 @@ def _embeddings_key(
         env.store.local_path(ds.artifact_key),
         backbone,
         output="pooled",
-        cache_dir=env.settings.cache_dir / "embeddings",
+        cache_dir=env.settings.cache_dir,
         weights_dir=env.settings.weights_dir,
         allow_random=env.settings.allow_random_weights,
         progress=lambda fraction, *_: report(fraction),
