@@ -44,6 +44,33 @@ async def readyz(ctx: CtxDep) -> JSONResponse:
     )
 
 
+class _JobGauges:
+    """Jobs by state, counted in the database at scrape time: true across API replicas."""
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+        from sqlalchemy import func, select
+
+        from cvxtune.db import Finetune, Prediction
+
+        for model, name in ((Finetune, "finetunes"), (Prediction, "predictions")):
+            g = GaugeMetricFamily(f"cvxtune_{name}", f"{name} by state", labels=["state"])
+            with self.ctx.sessions() as s:
+                rows = s.execute(select(model.state, func.count()).group_by(model.state)).all()
+            for state, n in rows:
+                g.add_metric([state], n)
+            yield g
+
+
 @router.get("/metrics", response_class=Response)
-def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+def metrics(ctx: CtxDep) -> Response:
+    """Prometheus: HTTP requests and latency, and jobs by state."""
+    from prometheus_client import CollectorRegistry
+
+    jobs = CollectorRegistry(auto_describe=False)
+    jobs.register(_JobGauges(ctx))
+    body = generate_latest() + generate_latest(jobs)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -32,6 +32,12 @@ def test_health_ready_and_metrics(client, auth, queue):
     assert client.get("/healthz").headers["x-request-id"]
 
 
+def test_metrics_count_jobs_by_state(client, auth, make_npz, upload_file):
+    ds = upload_file(auth, make_npz()).json()
+    client.post("/v1/finetunes", headers=auth, json={"dataset_id": ds["id"]})
+    assert 'cvxtune_finetunes{state="queued"} 1.0' in client.get("/metrics").text
+
+
 def test_readyz_names_what_is_down(client, queue):
     def down() -> None:
         raise ConnectionError("broker down")
