@@ -722,8 +722,8 @@ def bench_scaling(args) -> list[dict]:
     if args.quick:
         grid = [(2_000, 128), (8_000, 128), (4_000, 64), (4_000, 512)]
     else:
-        grid = [(n, 256) for n in (1_000, 5_000, 20_000, 60_000)]
-        grid += [(10_000, p) for p in (64, 256, 1_024, 4_096)]
+        grid = [(n, 256) for n in args.scaling_n]
+        grid += [(args.scaling_p_at, p) for p in args.scaling_p]
     rows = []
     for n, p in grid:
         r = subprocess.run(
@@ -846,6 +846,9 @@ def main() -> None:
         help="pyscnn part: cvxtune working_set values to run (1 = the default)",
     )
     ap.add_argument("--max-iter", type=int, default=2000, help="cvxtune max_iter (both parts)")
+    ap.add_argument("--scaling-n", default="1000,5000,20000,60000", help="n grid at p=256")
+    ap.add_argument("--scaling-p", default="64,256,1024,4096", help="p grid")
+    ap.add_argument("--scaling-p-at", type=int, default=10_000, help="n of the p grid")
     ap.add_argument("--scaling-iters", type=int, default=10, help="iterations timed per point")
     ap.add_argument("--max-tasks", type=int, default=2, help="binary tasks per dataset (1 or 2)")
     ap.add_argument("--mc-max-iter", type=int, default=None, help="multi-class max_iter")
@@ -868,6 +871,8 @@ def main() -> None:
     args.only = args.only.split(",")
     args.lam = args.lam if args.lam == "auto" else float(args.lam)
     args.ratios = [float(r) for r in args.ratios.split(",")]
+    args.scaling_n = [int(v) for v in args.scaling_n.split(",") if v]
+    args.scaling_p = [int(v) for v in args.scaling_p.split(",") if v]
     args.working_sets = [bool(int(w)) for w in args.working_sets.split(",")]
     sys.path.insert(0, str(ROOT))
     set_threads()
