@@ -18,6 +18,7 @@ from .fista import fista
 from .problem import Certificate, Problem, certificate
 
 LOW_PRECISION_TOL = 1e-4
+ROUND_ITERS = 100
 
 
 @dataclass
@@ -31,21 +32,20 @@ class SolveResult:
 
 
 def _select(
-    cert: Certificate, W: torch.Tensor, ws: torch.Tensor | None, lam: float, grow: int
+    cert: Certificate, W: torch.Tensor, ws: torch.Tensor | None, lam: float
 ) -> torch.Tensor:
-    """The next working set: the current one, every active gate, and up to ``grow`` more.
+    """The next working set: the current one, every active gate, and every gate whose dual
+    constraint is violated (or nearly so) at the current point.
 
-    The first set takes the gates with the largest dual norms; later rounds add only gates
-    whose dual constraint is violated (or nearly so), largest first.
+    When lam is large few gates ever violate and the rounds stay cheap; when lam is small
+    nearly all do, and the set becomes all gates at once rather than after many rounds.
     """
     keep = torch.linalg.vector_norm(W, dim=(1, 2)) > 0
     if ws is not None:
         keep[ws] = True
-    scores = cert.dual_norms.masked_fill(keep, -float("inf"))
-    top = torch.argsort(scores, descending=True)[:grow]
-    if ws is not None:
-        top = top[scores[top] > lam * (1 - 1e-3)]
-    keep[top] = True
+    keep |= cert.dual_norms > lam * (1 - 1e-3)
+    if not bool(keep.any()):
+        keep[torch.argmax(cert.dual_norms)] = True
     return torch.nonzero(keep).squeeze(1)
 
 
@@ -83,27 +83,31 @@ def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset):
     b = cert.b
     if cert.gap <= tol or budget <= 0:
         return W, b, cert, 0, cert.gap <= tol, L
-    ws = None
-    used = 0
+    ws: torch.Tensor | None = None
+    used, rounds, stuck = 0, 0, False
     while True:
-        grow = max(32, 0 if ws is None else ws.numel())
-        new = _select(cert, W, ws, problem.lam, grow) if working_set else None
-        if new is None or (ws is not None and new.numel() == ws.numel()):
-            new = torch.arange(p, device=W.device)  # nothing to add: finish on all gates
-        ws = new
+        if not working_set or stuck:
+            ws = torch.arange(p, device=W.device)
+        else:
+            ws = _select(cert, W, ws, problem.lam)
         full = ws.numel() == p
         sub = problem if full else problem.restrict(ws)
         base = offset + used
         cb = None if callback is None else (lambda k, c, base=base: callback(base + k, c))
-        res = fista(
-            sub, W[ws], b, tol=tol if full else 0.5 * tol, max_iter=budget - used, L=L, callback=cb
-        )
+        # A round on a working set gets a bounded number of iterations (doubling each round),
+        # so a set that is too small is found out and grown instead of being solved forever.
+        cap = budget - used if full else min(budget - used, ROUND_ITERS << rounds)
+        res = fista(sub, W[ws], b, tol=tol if full else 0.5 * tol, max_iter=cap, L=L, callback=cb)
         used += res.n_iter
+        rounds += 1
         L = res.L
         W = torch.zeros_like(W)
         W[ws] = res.W
-        b = res.b
-        cert = res.cert if full else certificate(problem, W, b, res.AW)
+        cert = res.cert if full else certificate(problem, W, res.b, res.AW)
         b = cert.b
         if cert.gap <= tol or used >= budget or full:
             return W, b, cert, used, cert.gap <= tol, L
+        # Solved on the set, yet not certified on all gates, and nothing violates: finish on all.
+        violators = cert.dual_norms > problem.lam * (1 - 1e-3)
+        violators[ws] = False
+        stuck = res.converged and not bool(violators.any())
