@@ -14,7 +14,12 @@ CACHE_ENV = "CVXTUNE_CACHE_DIR"
 
 
 def _default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cvxtune" / "cache")
+    """$CVXTUNE_CACHE_DIR, else the service's cache (settings), so both share embeddings."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    from cvxtune.settings import get_settings
+
+    return get_settings().cache_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights-dir", help=f"local weights file or directory (default: ${WEIGHTS_ENV})"
     )
-    p.add_argument("--cache-dir", help=f"embedding cache (default: ${CACHE_ENV} or ~/.cvxtune)")
+    p.add_argument(
+        "--cache-dir", help=f"embedding cache (default: ${CACHE_ENV}, else the service's cache)"
+    )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--on-bad-image", choices=("skip", "fail"), default="skip")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
