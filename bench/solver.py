@@ -368,8 +368,8 @@ def bench_pyscnn(datasets: dict, args) -> list[dict]:
     p = 64 if args.quick else args.binary_gates
     ratios = [1e-2] if args.quick else args.ratios
     for dname, D in datasets.items():
-        U = unitize(D)
-        for tname, T in binary_tasks(dname, U, args.quick, args.max_tasks):
+        for tname, T in binary_tasks(dname, D, args.quick, args.max_tasks):
+            T = unitize(T)  # per task, on its own rows: a subset of unit columns is not unit
             X, y = T["Xtr"], T["ytr"]
             G = np.random.default_rng(778).standard_normal((X.shape[1], p))
             lmax = lam_max_squared(X, y, G)
