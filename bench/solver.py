@@ -875,6 +875,9 @@ def main() -> None:
     args.only = args.only.split(",")
     args.lam = args.lam if args.lam == "auto" else float(args.lam)
     args.ratios = [float(r) for r in args.ratios.split(",")]
+    if args.quick:
+        args.max_iter = min(args.max_iter, 300)
+        args.adam_seconds = min(args.adam_seconds, 3.0)
     args.scaling_n = [int(v) for v in args.scaling_n.split(",") if v]
     args.scaling_p = [int(v) for v in args.scaling_p.split(",") if v]
     args.working_sets = [bool(int(w)) for w in args.working_sets.split(",")]
