@@ -45,10 +45,12 @@ def compute_patterns(X: torch.Tensor, gates: torch.Tensor, chunk: int = 1024) ->
 
 def unique_patterns(masks: torch.Tensor) -> torch.Tensor:
     """Indices of the first occurrence of each distinct non-empty pattern column, in order."""
-    nonempty = masks.any(dim=0)
+    p = masks.shape[1]
     _, inverse = torch.unique(masks.T.to(torch.uint8), dim=0, return_inverse=True)
-    first: dict[int, int] = {}
-    for j, u in enumerate(inverse.tolist()):
-        if nonempty[j] and u not in first:
-            first[u] = j
-    return torch.tensor(sorted(first.values()), dtype=torch.long, device=masks.device)
+    order = torch.arange(p, device=masks.device)
+    first = torch.full((int(inverse.max()) + 1 if p else 0,), p, device=masks.device)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")
+    keep = torch.zeros(p, dtype=torch.bool, device=masks.device)
+    keep[first] = True
+    keep &= masks.any(dim=0)
+    return torch.nonzero(keep).squeeze(1)
