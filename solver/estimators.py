@@ -207,14 +207,7 @@ class _ConvexMLP:
             working_set=self.working_set,
             callback=_progress_adapter(progress, self.tol),
         )
-        self.weights_ = res.W
-        self.intercept_ = res.b if self.fit_intercept else torch.zeros_like(res.b)
-        self.objective_ = res.cert.primal
-        self.duality_gap_ = res.cert.gap
-        self.n_iter_ = res.n_iter
-        self.converged_ = res.converged
-        self.constraint_violation_ = 0.0
-        self._set_neurons()
+        self._store(res.W, res.b, res.cert, res.n_iter, res.converged, violation=0.0)
         self.pricing_violation_ = self._pricing(Z, Y, problem, res.W, res.b)
         return self._finish(progress)
 
@@ -230,16 +223,20 @@ class _ConvexMLP:
             max_iter=self.max_iter,
             callback=_progress_adapter(progress, self.tol),
         )
-        self.weights_ = res.U
-        self.intercept_ = res.b if self.fit_intercept else torch.zeros_like(res.b)
-        self.objective_ = res.cert.primal
-        self.duality_gap_ = res.cert.gap
-        self.n_iter_ = res.n_iter
-        self.converged_ = res.converged
-        self.constraint_violation_ = res.violation
+        self._store(res.U, res.b, res.cert, res.n_iter, res.converged, violation=res.violation)
         self.pricing_violation_ = float("nan")
-        self._set_neurons()
         return self._finish(progress)
+
+    def _store(self, W, b, cert, n_iter: int, converged: bool, *, violation: float) -> None:
+        """Fitted state shared by both activations."""
+        self.weights_ = W
+        self.intercept_ = b if self.fit_intercept else torch.zeros_like(b)
+        self.objective_ = cert.primal
+        self.duality_gap_ = cert.gap
+        self.n_iter_ = n_iter
+        self.converged_ = converged
+        self.constraint_violation_ = violation
+        self._set_neurons()
 
     def _finish(self, progress: Progress | None) -> _ConvexMLP:
         if not self.converged_:
