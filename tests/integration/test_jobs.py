@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from seed_rows import add_finetune
 
 from app.migrate import upgrade
-from cvxtune.db import Dataset, Finetune, Project, session_scope
+from cvxtune.db import Finetune, session_scope
 from cvxtune.errors import DatasetError
 from cvxtune.settings import Settings
 from workers import jobs
@@ -18,43 +19,8 @@ def env(tmp_path):
     return jobs.Env(settings)
 
 
-def _job(env, dataset_exists: bool = True) -> str:
-    with session_scope(env.db) as s:
-        s.add(Project(id="prj_1", name="p"))
-        s.flush()
-        if dataset_exists:
-            s.add(
-                Dataset(
-                    id="ds_1",
-                    project_id="prj_1",
-                    name="d",
-                    kind="features",
-                    format="npz",
-                    artifact_key="datasets/ds_1/features.npz",
-                    content_hash="0" * 64,
-                    size_bytes=1,
-                    n_samples=4,
-                    n_features=2,
-                    classes=["a", "b"],
-                    class_counts={"a": 2, "b": 2},
-                    report={},
-                )
-            )
-        s.add(
-            Finetune(
-                id="ft_1",
-                project_id="prj_1",
-                dataset_id="ds_1",
-                backbone=None,
-                head={"kind": "mlp"},
-                lam="auto",
-                validation_fraction=0.2,
-                seed=0,
-                request_hash="x",
-                outputs={},
-            )
-        )
-    return "ft_1"
+def _job(env) -> str:
+    return add_finetune(env.db)
 
 
 def _get(env, job_id):

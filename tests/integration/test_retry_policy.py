@@ -5,9 +5,10 @@ the service tests)."""
 from __future__ import annotations
 
 import pytest
+from seed_rows import add_finetune
 
 from app.migrate import upgrade
-from cvxtune.db import Dataset, Finetune, Project, session_scope
+from cvxtune.db import Finetune, session_scope
 from cvxtune.settings import get_settings
 from workers import tasks
 
@@ -21,41 +22,7 @@ def job(tmp_path, monkeypatch):
         get_settings.cache_clear()
         url = get_settings().resolved_database_url
         upgrade(url)
-        with session_scope(url) as s:
-            s.add(Project(id="prj_1", name="p"))
-            s.flush()
-            s.add(
-                Dataset(
-                    id="ds_1",
-                    project_id="prj_1",
-                    name="d",
-                    kind="features",
-                    format="npz",
-                    artifact_key="datasets/ds_1/features.npz",
-                    content_hash="0" * 64,
-                    size_bytes=1,
-                    n_samples=4,
-                    n_features=2,
-                    classes=["a", "b"],
-                    class_counts={"a": 2, "b": 2},
-                    report={},
-                )
-            )
-            s.add(
-                Finetune(
-                    id="ft_1",
-                    project_id="prj_1",
-                    dataset_id="ds_1",
-                    backbone=None,
-                    head={"kind": "mlp"},
-                    lam="auto",
-                    validation_fraction=0.2,
-                    seed=0,
-                    request_hash="x",
-                    outputs={},
-                )
-            )
-        return "ft_1"
+        return add_finetune(url)
 
     yield make
     get_settings.cache_clear()
