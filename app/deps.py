@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.auth import project_for_key
 from app.problems import Unauthorized
 from cvxtune.artifacts import ArtifactStore
-from cvxtune.db import Project
+from cvxtune.db import Project, committing
 from cvxtune.settings import Settings
 
 
@@ -35,13 +35,8 @@ CtxDep = Annotated[Context, Depends(get_ctx)]
 
 
 def get_session(ctx: CtxDep) -> Iterator[Session]:
-    with ctx.sessions() as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    with committing(ctx.sessions) as session:
+        yield session
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

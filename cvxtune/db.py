@@ -187,12 +187,19 @@ def sessionmaker_for(url: str) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    with sessionmaker_for(url)() as session:
+def committing(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session from ``sessions`` that commits on success and rolls back on error."""
+    with sessions() as session:
         try:
             yield session
             session.commit()
         except BaseException:
             session.rollback()
             raise
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A committing session on the database at ``url``."""
+    with committing(sessionmaker_for(url)) as session:
+        yield session
