@@ -41,7 +41,7 @@ from .network import factor_blocks, gated_network, relu_network, relu_neurons
 from .operator import GatedOperator
 from .patterns import compute_patterns, sample_gates, unique_patterns
 from .penalties import PENALTIES, GroupFrobenius, GroupNuclear
-from .problem import Problem
+from .problem import Problem, zero_threshold
 from .relu import solve_relu
 from .workingset import solve
 
@@ -429,13 +429,7 @@ class ConvexMLPClassifier(_ConvexMLP):
 def lam_max(Z, masks, Y, loss, pen, fit_bias: bool) -> float:
     """Smallest lam whose solution is W = 0: max_i ||(D_i Z)^T theta_0||_dual, theta_0 = -grad f
     at W = 0 (with the optimal bias when one is fitted)."""
-    b = torch.zeros(Y.shape[1], dtype=Z.dtype, device=Z.device)
-    F = torch.zeros_like(Y)
-    if fit_bias:
-        b = loss.optimal_bias(F, Y, b)
-    theta = -loss.grad(F + b, Y)
-    norms = pen.dual_norms(GatedOperator(Z, masks).rmatvec(theta))
-    return float(norms.max()) if norms.numel() else 0.0
+    return zero_threshold(GatedOperator(Z, masks), Y, loss, pen, fit_bias)
 
 
 SMALL_PROBLEM = 1 << 24  # elements of X times gates: below this, one thread is fastest

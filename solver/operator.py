@@ -6,7 +6,24 @@ the largest temporary is (n, chunk, c), bounded by ``max_elems``, never (n, p, c
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class Operator(Protocol):
+    """What the solvers need of a linear map from gate blocks (p, ...) to outputs (n, c).
+
+    ``GatedOperator`` (MLP heads) is one; the CNN and attention heads bring their own. The
+    working-set driver restricts it to a subset of gates and changes its precision.
+    """
+
+    @property
+    def n_gates(self) -> int: ...
+    def matvec(self, W: torch.Tensor) -> torch.Tensor: ...
+    def rmatvec(self, R: torch.Tensor) -> torch.Tensor: ...
+    def restrict(self, idx: torch.Tensor) -> Operator: ...
+    def to(self, dtype: torch.dtype) -> Operator: ...
 
 
 class GatedOperator:

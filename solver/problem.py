@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from .losses import CrossEntropyLoss, SquaredLoss
-from .operator import GatedOperator
+from .operator import Operator
 from .penalties import GroupFrobenius, GroupNuclear
 
 
@@ -44,7 +44,7 @@ class ConvexProgram(Protocol):
 
 @dataclass
 class Problem:
-    op: GatedOperator
+    op: Operator
     Y: torch.Tensor  # (n, c)
     loss: SquaredLoss | CrossEntropyLoss
     penalty: GroupFrobenius | GroupNuclear
@@ -138,3 +138,21 @@ def _scaled_dual(problem: Any, theta: torch.Tensor, norms: torch.Tensor) -> floa
         if tt > 0:
             s = min(s, max(0.0, float((theta * Y).sum()) / (Y.shape[0] * tt)))
     return float(problem.loss.dual(s * theta, Y))
+
+
+def zero_threshold(
+    op: Operator,
+    Y: torch.Tensor,
+    loss: SquaredLoss | CrossEntropyLoss,
+    pen: GroupFrobenius | GroupNuclear,
+    fit_bias: bool,
+) -> float:
+    """lam_max: the smallest lam whose solution is W = 0, max_i ||A_i^T theta_0||_dual with
+    theta_0 = -grad f at W = 0 (with the optimal bias when one is fitted). Any operator."""
+    b = torch.zeros(Y.shape[1], dtype=Y.dtype, device=Y.device)
+    F = torch.zeros_like(Y)
+    if fit_bias:
+        b = loss.optimal_bias(F, Y, b)
+    theta = -loss.grad(F + b, Y)
+    norms = pen.dual_norms(op.rmatvec(theta))
+    return float(norms.max()) if norms.numel() else 0.0
