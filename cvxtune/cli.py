@@ -16,12 +16,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("app.cli:serve_main", "run the API and a worker on the embedded default"),
     "worker": ("app.cli:worker_main", "run a Celery worker alone (broker from settings)"),
     "keys": ("app.cli:keys_main", "manage API keys: keys create --project NAME"),
+    # Clients of a running service ($CVXTUNE_URL, $CVXTUNE_API_KEY); httpx only, no torch.
+    "datasets": ("cvxtune.client:datasets_main", "upload, list, show or delete datasets"),
+    "finetune": ("cvxtune.client:finetune_main", "fit a head on a dataset (--wait to follow)"),
+    "jobs": ("cvxtune.client:jobs_main", "list, show or cancel finetune jobs"),
+    "heads": ("cvxtune.client:heads_main", "list, show, download or delete fitted heads"),
+    "predict": ("cvxtune.client:predict_main", "predict images or embeddings with a head"),
+    "backbones": ("cvxtune.client:backbones_main", "the service's backbones and their weights"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: cvxtune COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
