@@ -341,10 +341,10 @@ def _table(rows: list[list[Any]], headers: list[str]) -> None:
         _out("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def _fields(pairs: list[tuple[str, Any]]) -> None:
+def _fields(pairs: list[tuple[str, Any]], indent: str = "") -> None:
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:
-        _out(f"{k:<{width}}  {'-' if v is None or v == '' else v}")
+        _out(f"{indent}{k:<{width}}  {'-' if v is None or v == '' else v}")
 
 
 def _when(ts: str | None) -> str | None:
@@ -813,8 +813,9 @@ def _head_show(c: Client, a: argparse.Namespace) -> int:
         ("lam", f"{_num(cert.get('lam'))} (lam_max {_num(cert.get('lam_max'))})"),
         ("created", _when(h["created_at"])),
     ]
-    pairs += [(f"lineage.{k}", v) for k, v in lin.items() if not isinstance(v, dict)]
     _fields(pairs)
+    _out("lineage")
+    _fields([(k, v) for k, v in lin.items() if not isinstance(v, dict)], indent="  ")
     if val and val.get("per_class"):
         _out("")
         rows = [
