@@ -83,13 +83,18 @@ class ConvexAttentionClassifier:
     attention it is the global optimum for the sampled gates. Float32 inputs are solved in
     float32 to a gap of 1e-4, then polished in float64.
 
-    Cost: the projection is fitted on at most 2^15 tokens. Linear attention keeps (n, d'^2)
-    features and each iteration costs O(n d'^3 c); gated attention keeps (n, gates, d'^3)
-    features (rebuilt per product above 2^28 elements, O(n gates T d'^3) each time) and costs
-    O(n gates d'^3 c) per iteration. The prox is an eigendecomposition of a min(d'^2, d' c)
-    square Gram per block. Hence the default d' = 16 (17 with the constant): the lifted block
-    grows as d'^3 and the features as d'^3 per sample and gate; at 16 the features for 2000
-    samples and 8 gates are about 80M numbers, and one block is 289 x 170 for 10 classes.
+    Cost: the projection is fitted on at most 2^15 tokens. With m = d'(d'+1)/2 (the features
+    are symmetric in two of their three indices), linear attention keeps (n, m) features and each
+    iteration costs O(n d' m c); gated attention keeps (n, gates, d' m) features (rebuilt per
+    product above 2^28 elements, O(n gates T d' m) each time) and costs O(n gates d' m c) per
+    iteration. The prox is an eigendecomposition of a min(d'^2, d' c) square Gram per block.
+    Hence the default d' = 16 (17 with the constant): the lifted block and the features grow as
+    d'^3; at 16 the features for 2000 samples and 8 gates are about 42M numbers, and one block
+    is 289 x 170 for 10 classes.
+
+    The default lam = 1e-2 is meant for the default whitened projection, where lam_max_ is of
+    order one (0.85 on a synthetic 49-token, 1280-feature, 10-class task): about 1e-2 lam_max_,
+    a regime FISTA certifies in hundreds of iterations. Check ``lam_max_`` or use "auto".
 
     ``lam="auto"`` fits a geometric path of ``n_lams`` values from ``lam_max_`` down to
     ``lam_min_ratio * lam_max_`` on a (1 - ``validation_fraction``) split, warm-started, and
@@ -239,6 +244,7 @@ class ConvexAttentionClassifier:
             self.lam_, self.path_, W = self._choose_lam(z, Y, loss, pen, W, progress)
         else:
             self.lam_ = float(self.lam)
+            self.__dict__.pop("path_", None)  # from an earlier fit with lam="auto"
         problem = Problem(op, Y, loss, pen, self.lam_, self.fit_intercept)
         res = solve(
             problem,
@@ -345,8 +351,9 @@ class ConvexAttentionClassifier:
 
     # -- export -------------------------------------------------------------------------------
     def to_torch(self) -> AttentionNetwork:
-        """The recovered multi-head network; it takes raw tokens (n, T, d) and its outputs
-        equal decision_function."""
+        """The recovered multi-head network (in the weights' dtype, float64 after a polish); it
+        takes raw tokens (n, T, d) and its outputs equal decision_function (for float32 tokens,
+        up to the rounding of the float32 projection that decision_function applies)."""
         self._check_fitted()
         owner, U, V = self._heads
         d = math.isqrt(U.shape[0])

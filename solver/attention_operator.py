@@ -16,9 +16,12 @@ namely f(z_i)[e] = sum_{a,k,l} phi_i[a, k, l] Z[(a, k), (l, e)] with the token f
     phi_i[a, k, l] = 1/T^2 sum_{t,s} m_ts z_t[a] z_s[k] z_s[l]                     (d^3,)
 
 and ||Z||_* = min sum_j ||W1_j||_F ||W2_j||_F over the ways of writing Z as a sum of heads.
+phi_i is symmetric in (k, l), so A(Z) only sees Z summed over its (k, l) and (l, k) entries, and
+A*(R) is symmetric in (k, l): the operators keep phi on the pairs k <= l only (m = d(d+1)/2
+of the d^2), which halves their memory and the cost of every product.
 For linear attention phi_i = zbar_i (x) S_i with zbar_i = z_i^T 1 / T and S_i = z_i^T z_i / T,
-so the operator keeps only (n, d) and (n, d^2). The gated operator keeps phi for every sample
-and gate, (n, gates, d^3), when that fits ``max_feature_elems``, and otherwise rebuilds it in
+so the operator keeps only (n, d) and (n, m). The gated operator keeps phi for every sample
+and gate, (n, gates, d m), when that fits ``max_feature_elems``, and otherwise rebuilds it in
 chunks of samples for every product (about T / c times slower). Features are always computed
 in float64 from float64 tokens and stored in the working dtype, so the float32 and float64
 phases of a solve see the same masks.
@@ -34,12 +37,18 @@ CHUNK_ELEMS = 1 << 24  # largest temporary while building features
 MAX_FEATURE_ELEMS = 1 << 28  # cached gated features above this are rebuilt per product
 
 
+def pairs(d: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices k d + l and l d + k of the m = d(d+1)/2 pairs k <= l."""
+    k, l = torch.triu_indices(d, d, device=device)
+    return k * d + l, l * d + k
+
+
 def linear_features(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """zbar (n, d) and the token second moments S (n, d^2) of tokens z (n, T, d)."""
+    """zbar (n, d) and the token second moments S (n, m) on the pairs k <= l, of z (n, T, d)."""
     n, T, d = z.shape
-    zbar = z.mean(dim=1)
-    S = torch.einsum("ntk,ntl->nkl", z, z).reshape(n, d * d) / T
-    return zbar, S
+    kl, _ = pairs(d, z.device)
+    S = torch.einsum("ntk,ntl->nkl", z, z).reshape(n, d * d)[:, kl] / T
+    return z.mean(dim=1), S
 
 
 def attention_masks(z: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -49,16 +58,35 @@ def attention_masks(z: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
 
 
 def gated_features(z: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """phi (n, gates, d^3) of tokens z (n, T, d) for gates (g, d, d), in z's dtype.
+    """phi (n, gates, d, m) on the pairs k <= l, of tokens z (n, T, d) for gates (g, d, d).
 
     phi[i, j] = 1/T sum_s q_s (x) z_s (x) z_s with q_s = 1/T sum_t m_ts z_t, the mean of the
     queries that key s is gated on for.
     """
-    n, T, d = z.shape
+    _, T, d = z.shape
     M = attention_masks(z, gates).to(z.dtype)
     q = M.transpose(-1, -2) @ z.unsqueeze(1) / T  # (n, g, T_keys, d)
-    zz = (z.unsqueeze(-1) * z.unsqueeze(-2)).reshape(n, 1, T, d * d)
-    return (q.transpose(-1, -2) @ zz).reshape(n, gates.shape[0], d**3) / T
+    k, l = torch.triu_indices(d, d, device=z.device)
+    zz = (z[:, :, k] * z[:, :, l]).unsqueeze(1)  # (n, 1, T, m)
+    return q.transpose(-1, -2) @ zz / T
+
+
+def fold(W: torch.Tensor, d: int) -> torch.Tensor:
+    """(g, d^2, d c) blocks -> (g, d, m, c): entries (k, l) and (l, k) summed onto k <= l."""
+    g, _, dc = W.shape
+    kl, lk = pairs(d, W.device)
+    W4 = W.reshape(g, d, d * d, dc // d)
+    return W4[:, :, kl] + (kl != lk).to(W.dtype).view(-1, 1) * W4[:, :, lk]
+
+
+def unfold(G: torch.Tensor, d: int) -> torch.Tensor:
+    """(g, d, m, c) on the pairs k <= l -> symmetric (g, d^2, d c) blocks."""
+    g, _, _, c = G.shape
+    kl, lk = pairs(d, G.device)
+    out = G.new_empty(g, d, d * d, c)
+    out[:, :, kl] = G
+    out[:, :, lk] = G
+    return out.reshape(g, d * d, d * c)
 
 
 def _sample_step(n: int, per_sample: int) -> int:
@@ -88,8 +116,8 @@ class LinearAttentionOperator:
         c = W.shape[2] // d
         if not self.active:
             return self.zbar.new_zeros(n, c)
-        # Rows (k, l) against the second moments first, then the query mean over a.
-        Wp = W[0].reshape(d, d, d, c).permute(1, 2, 0, 3).reshape(d * d, d * c)
+        # Pairs (k, l) against the second moments first, then the query mean over a.
+        Wp = fold(W, d)[0].permute(1, 0, 2).reshape(-1, d * c)  # (m, (a, e))
         M = (self.S @ Wp).view(n, d, c)
         return torch.einsum("na,nae->ne", self.zbar, M)
 
@@ -100,8 +128,8 @@ class LinearAttentionOperator:
         if not self.active:
             return R.new_zeros(0, d * d, d * c)
         ZR = (self.zbar.unsqueeze(2) * R.unsqueeze(1)).reshape(n, d * c)
-        G = (self.S.T @ ZR).view(d, d, d, c).permute(2, 0, 1, 3)
-        return G.reshape(1, d * d, d * c)
+        G = (self.S.T @ ZR).view(-1, d, c).permute(1, 0, 2)  # (d, m, c)
+        return unfold(G.unsqueeze(0), d)
 
     def restrict(self, idx: torch.Tensor) -> LinearAttentionOperator:
         return LinearAttentionOperator(self.tokens, self.dtype, active=idx.numel() > 0)
@@ -126,7 +154,7 @@ class GatedAttentionOperator:
         self.max_feature_elems = max_feature_elems
         n, _, d = tokens.shape
         self.phi: torch.Tensor | None = None
-        if n * gates.shape[0] * d**3 <= max_feature_elems:
+        if n * gates.shape[0] * d * d * (d + 1) // 2 <= max_feature_elems:
             self.phi = torch.cat([chunk for _, _, chunk in self._chunks()])
 
     @property
@@ -137,11 +165,11 @@ class GatedAttentionOperator:
         """(start, end, phi of samples start:end as (m, g * d^3)) in the working dtype."""
         n, T, d = self.tokens.shape
         g = self.n_gates
-        step = _sample_step(n, g * max(T * T, T * d, d**3))
+        step = _sample_step(n, g * max(T * T, T * d, d**3) + T * d * d)
         for s in range(0, n, step):
             e = min(n, s + step)
             phi = gated_features(self.tokens[s:e], self.gates)
-            yield s, e, phi.reshape(e - s, g * d**3).to(self.dtype)
+            yield s, e, phi.reshape(e - s, -1).to(self.dtype)
 
     def _features(self):
         if self.phi is not None:
@@ -151,9 +179,9 @@ class GatedAttentionOperator:
 
     def matvec(self, W: torch.Tensor) -> torch.Tensor:
         """(g, d^2, d c) -> (n, c)."""
-        n = self.tokens.shape[0]
-        c = W.shape[2] // self.tokens.shape[2]
-        Wf = W.reshape(-1, c)
+        n, d = self.tokens.shape[0], self.tokens.shape[2]
+        c = W.shape[2] // d
+        Wf = fold(W, d).reshape(-1, c)
         out = W.new_zeros(n, c)
         for s, e, phi in self._features():
             out[s:e] = phi @ Wf
@@ -162,11 +190,10 @@ class GatedAttentionOperator:
     def rmatvec(self, R: torch.Tensor) -> torch.Tensor:
         """(n, c) -> (g, d^2, d c): block j is sum_i phi_ij (x) r_i reshaped."""
         d = self.tokens.shape[2]
-        c = R.shape[1]
-        out = R.new_zeros(self.n_gates * d**3, c)
+        out = R.new_zeros(self.n_gates * d * (d * (d + 1) // 2), R.shape[1])
         for s, e, phi in self._features():
             out += phi.T @ R[s:e]
-        return out.view(self.n_gates, d * d, d * c)
+        return unfold(out.view(self.n_gates, d, -1, R.shape[1]), d)
 
     def restrict(self, idx: torch.Tensor) -> GatedAttentionOperator:
         op = GatedAttentionOperator.__new__(GatedAttentionOperator)
@@ -174,8 +201,8 @@ class GatedAttentionOperator:
         op.max_feature_elems = self.max_feature_elems
         op.phi = None
         if self.phi is not None:
-            n, d = self.tokens.shape[0], self.tokens.shape[2]
-            op.phi = self.phi.view(n, -1, d**3)[:, idx].reshape(n, -1)
+            n = self.tokens.shape[0]
+            op.phi = self.phi.view(n, self.n_gates, -1)[:, idx].reshape(n, -1)
         return op
 
     def to(self, dtype: torch.dtype) -> GatedAttentionOperator:
@@ -210,4 +237,5 @@ __all__ = [
     "attention_masks",
     "gated_features",
     "linear_features",
+    "pairs",
 ]

@@ -13,6 +13,7 @@ from solver.attention_operator import (
     BlockNuclear,
     GatedAttentionOperator,
     LinearAttentionOperator,
+    pairs,
 )
 from solver.estimators import ConvergenceWarning
 
@@ -126,8 +127,12 @@ def test_adjoints_and_kronecker_form():
     zero = GatedAttentionOperator(z, torch.zeros(1, d, d, dtype=torch.float64))
     assert torch.allclose(zero.rmatvec(R), linear.rmatvec(R), atol=1e-14)
     # The features are the explicit loop over query and key pairs.
-    phi = cached.phi.view(n, g, d**3)[:, 2].numpy()
-    assert np.allclose(phi, explicit_features(z.numpy(), H[2].numpy()), atol=1e-14)
+    # (kept on the pairs k <= l: the features are symmetric in k and l)
+    kl, lk = pairs(d)
+    full = explicit_features(z.numpy(), H[2].numpy()).reshape(n, d, d * d)
+    assert np.allclose(full[:, :, kl], full[:, :, lk], atol=1e-14)
+    phi = cached.phi.view(n, g, d, -1)[:, 2].numpy()
+    assert np.allclose(phi, full[:, :, kl], atol=1e-14)
     # A restricted operator is the operator on those gates.
     idx = torch.tensor([3, 1])
     W = torch.randn(2, d * d, d * c, generator=gen, dtype=torch.float64)
