@@ -180,7 +180,8 @@ class ConvexCNNClassifier:
                 f"X's spatial size {tuple(T.shape[2:])} with padding {q} is smaller than "
                 f"kernel_size {k}"
             )
-        if not bool(torch.isfinite(T).all()):
+        step = max(1, (1 << 24) // max(1, T[0].numel()))  # no full-size boolean temporary
+        if not all(bool(torch.isfinite(T[s : s + step]).all()) for s in range(0, len(T), step)):
             raise ValueError("X contains NaN or infinite values")
         return T
 
@@ -192,7 +193,7 @@ class ConvexCNNClassifier:
         if np.any(self.classes_[idx] != y):
             raise ValueError("y has labels the classifier was not fitted on")
         Y = torch.zeros(len(y), len(self.classes_), dtype=X.dtype, device=X.device)
-        Y[torch.arange(len(y)), torch.as_tensor(idx)] = 1.0
+        Y[torch.arange(len(y), device=X.device), torch.as_tensor(idx, device=X.device)] = 1.0
         return Y
 
     def _fit_projection(self, X: torch.Tensor, gen: torch.Generator) -> None:
@@ -213,7 +214,9 @@ class ConvexCNNClassifier:
         evals, evecs = torch.linalg.eigh(centered.T @ centered)
         comps = evecs[:, torch.argsort(evals, descending=True)[:q]]
         # A fixed sign per component, so refits on the same data store the same projection.
-        flip = torch.sign(comps[torch.argmax(comps.abs(), dim=0), torch.arange(q)])
+        flip = torch.sign(
+            comps[torch.argmax(comps.abs(), dim=0), torch.arange(q, device=comps.device)]
+        )
         self.pca_mean_ = mean.to(X.dtype)
         self.components_ = (comps * flip).to(X.dtype)
 
@@ -240,7 +243,9 @@ class ConvexCNNClassifier:
             i = torch.randint(0, n, (2, p), generator=gen).to(X.device)
             b = torch.randint(0, H * W, (2, p), generator=gen).to(X.device)
             u = torch.rand(p, 1, generator=gen, dtype=torch.float64).to(X.device, X.dtype)
-            ends = [geo.patches(X[i[t]])[torch.arange(p), :, b[t]] for t in range(2)]
+            ends = [
+                geo.patches(X[i[t]])[torch.arange(p, device=X.device), :, b[t]] for t in range(2)
+            ]
             anchors = u * ends[0] + (1 - u) * ends[1]  # (p, C k^2)
             bias = -(anchors * G.flatten(1)).sum(dim=1)
         return G, bias
