@@ -26,6 +26,10 @@ class SquaredLoss:
     def dual(self, U: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         return (U * Y).sum() - 0.5 * Y.shape[0] * U.square().sum()
 
+    def hess_vec(self, F: torch.Tensor, Y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """The Hessian of f at F applied to V: V/n."""
+        return V / Y.shape[0]
+
     def optimal_bias(self, F: torch.Tensor, Y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """argmin_b f(F + 1 b^T): the column means of the residual."""
         return (Y - F).mean(dim=0)
@@ -45,6 +49,12 @@ class CrossEntropyLoss:
 
     def grad(self, F: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         return (torch.softmax(F, dim=1) - Y) / Y.shape[0]
+
+    def hess_vec(self, F: torch.Tensor, Y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """The Hessian of f at F applied to V, row by row: (diag(p) - p p^T) v / n."""
+        P = torch.softmax(F, dim=1)
+        PV = P * V
+        return (PV - P * PV.sum(dim=1, keepdim=True)) / Y.shape[0]
 
     def dual(self, U: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         Q = (Y - Y.shape[0] * U).clamp_min(0.0)
