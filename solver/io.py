@@ -81,11 +81,18 @@ def load_head(path: Path, cls: type) -> Any:
 
 
 def load(path: str | Path) -> Any:
-    """Load any saved head, whatever its class."""
-    from . import estimators
+    """Load any saved head, whatever its class (MLP, CNN or attention)."""
+    from . import attention, cnn, estimators
 
     meta = json.loads((Path(path) / "head.json").read_text())
-    return load_head(Path(path), getattr(estimators, meta["class"]))
+    name = meta.get("class")
+    if name in ("ConvexMLPClassifier", "ConvexMLPRegressor"):
+        return load_head(Path(path), getattr(estimators, name))
+    for module in (cnn, attention):
+        cls = getattr(module, str(name), None)
+        if cls is not None:
+            return cls.load(path)
+    raise ValueError(f"{path} holds an unknown head class {name!r}")
 
 
 __all__ = ["load", "load_head", "save_head"]
