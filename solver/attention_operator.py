@@ -155,7 +155,12 @@ class GatedAttentionOperator:
         n, _, d = tokens.shape
         self.phi: torch.Tensor | None = None
         if n * gates.shape[0] * d * d * (d + 1) // 2 <= max_feature_elems:
-            self.phi = torch.cat([chunk for _, _, chunk in self._chunks()])
+            m = d * (d + 1) // 2
+            self.phi = torch.empty(
+                n, gates.shape[0] * d * m, dtype=self.dtype, device=tokens.device
+            )
+            for s, e, chunk in self._chunks():
+                self.phi[s:e] = chunk
 
     @property
     def n_gates(self) -> int:
