@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cvxtune.contracts import HEAD_OUTPUT, OUTPUT_FIELD, HeadSpec, head_kinds_for
 from cvxtune.errors import InvalidInput, WeightsUnavailable
 from cvxtune.settings import Settings
 
@@ -15,6 +16,7 @@ def list_backbones(settings: Settings) -> list[dict[str, Any]]:
     entries = catalogue(weights_dir=settings.weights_dir)
     for e in entries:  # where the weights lie on the server is not the client's business
         e.get("weights", {}).pop("location", None)
+        e["head_kinds"] = head_kinds_for(e)
     return entries
 
 
@@ -32,3 +34,19 @@ def check_backbone(settings: Settings, name: str) -> dict[str, Any]:
             "directory (CVXTUNE_WEIGHTS_DIR) or choose a backbone whose weights are available"
         )
     return entry
+
+
+def check_head(entry: dict[str, Any], head: HeadSpec) -> None:
+    """Refuse a head the backbone cannot feed: a missing output (unsupported_head_kind) or
+    options that do not fit the output's shape (invalid_input)."""
+    if head.kind not in head_kinds_for(entry):
+        raise InvalidInput(
+            f"backbone {entry['name']} has no {HEAD_OUTPUT[head.kind]} output, so it cannot "
+            f"feed a {head.kind} head; its head kinds are {', '.join(head_kinds_for(entry))}",
+            code="unsupported_head_kind",
+        )
+    shape = entry[OUTPUT_FIELD[head.output]]
+    try:
+        head.check_input([shape] if isinstance(shape, int) else shape)
+    except ValueError as e:
+        raise InvalidInput(f"head: {e} of backbone {entry['name']}") from e

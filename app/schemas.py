@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from cvxtune.contracts import HeadSpec
 
@@ -40,6 +40,9 @@ class BackbonePublic(BaseModel):
     input_size: list[int]
     feature_map_shape: list[int] | None = None
     token_shape: list[int] | None = None
+    head_kinds: list[str] = Field(
+        default_factory=list, description="head kinds its outputs can feed (mlp, cnn, attention)"
+    )
     description: str = ""
     license: str | None = None
     weights_available: bool
@@ -58,7 +61,17 @@ class FinetuneCreate(BaseModel):
                     "lam": "auto",
                     "validation_fraction": 0.2,
                     "seed": 0,
-                }
+                },
+                {
+                    "dataset_id": "ds_0123456789abcdef",
+                    "backbone": "tf_efficientnet_lite0",
+                    "head": {"kind": "cnn", "gates": 128, "kernel_size": 1, "n_components": 64},
+                },
+                {
+                    "dataset_id": "ds_0123456789abcdef",
+                    "backbone": "vit_small_patch16_224",
+                    "head": {"kind": "attention", "attention": "gated_relu", "gates": 8},
+                },
             ]
         },
     )
@@ -68,7 +81,11 @@ class FinetuneCreate(BaseModel):
         description="required for image datasets; for feature datasets, the backbone that "
         "produced them (enables image predict)",
     )
-    head: HeadSpec = Field(default_factory=HeadSpec)
+    head: HeadSpec = Field(
+        default_factory=HeadSpec,
+        description='kind "mlp" (default; pooled embeddings), "cnn" (feature maps) or '
+        '"attention" (tokens), and that kind\'s solver options; unknown options are refused',
+    )
     lam: float | Literal["auto"] = "auto"
     validation_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -114,10 +131,23 @@ class HeadPublic(BaseModel):
     lineage: dict[str, Any]
     created_at: datetime
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def kind(self) -> str:
+        """The head kind (heads registered before there were kinds are MLPs)."""
+        return str((self.lineage.get("head") or {}).get("kind", "mlp"))
+
 
 class PredictEmbeddings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    embeddings: list[list[float]] = Field(..., min_length=1, max_length=10_000)
+    embeddings: list[Any] = Field(
+        ...,
+        min_length=1,
+        max_length=10_000,
+        description="one entry per sample, shaped as the head's input: a vector (d,) for an mlp "
+        "head, a feature map (channels, height, width) for a cnn head, tokens (T, d) for an "
+        "attention head",
+    )
 
 
 class PredictionItem(BaseModel):

@@ -5,9 +5,16 @@ the Celery configuration. The API sends tasks by these names and never imports t
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    RootModel,
+    model_validator,
+)
 
 from cvxtune.settings import Settings
 
@@ -63,25 +70,201 @@ class DatasetKind(StrEnum):
     features = "features"
 
 
-class HeadSpec(BaseModel):
-    """The head to fit: the solver's options. Only the MLP head is served today."""
+# What each head kind is fitted on: the backbone output it needs, and the solver class that
+# fits it (by name: the API never imports the solver).
+HEAD_KINDS = ("mlp", "cnn", "attention")
+HEAD_OUTPUT = {"mlp": "pooled", "cnn": "feature_map", "attention": "tokens"}
+HEAD_SOLVER = {
+    "mlp": "ConvexMLPClassifier",
+    "cnn": "ConvexCNNClassifier",
+    "attention": "ConvexAttentionClassifier",
+}
+# Per-sample input of each kind, for messages: pooled (d,), feature map (C, H, W), tokens (T, d).
+HEAD_INPUT = {"mlp": "(d,)", "cnn": "(channels, height, width)", "attention": "(tokens, d)"}
+# Where a backbone catalogue entry gives the shape of each output.
+OUTPUT_FIELD = {"pooled": "embed_dim", "feature_map": "feature_map_shape", "tokens": "token_shape"}
+
+
+def head_kind_of_solver(class_name: str) -> str:
+    """The head kind a saved solver class fits (heads saved as MLP regressors count as mlp)."""
+    for kind, name in HEAD_SOLVER.items():
+        if name == class_name:
+            return kind
+    if class_name == "ConvexMLPRegressor":
+        return "mlp"
+    raise ValueError(f"no head kind fits solver class {class_name!r}")
+
+
+def head_kinds_for(backbone: dict[str, Any]) -> list[str]:
+    """The head kinds a backbone catalogue entry can feed: those whose output it describes."""
+    return [k for k in HEAD_KINDS if backbone.get(OUTPUT_FIELD[HEAD_OUTPUT[k]])]
+
+
+Loss = Literal["squared", "cross_entropy"]
+Penalty = Literal["nuclear", "frobenius"]
+Activation = Literal["gated_relu", "relu"]
+Tol = Annotated[float, Field(gt=0, le=1.0)]
+MaxIter = Annotated[int | None, Field(ge=1, le=1_000_000)]
+
+
+class _Head(BaseModel):
+    """What every head kind shares; each kind lists its options and forbids all others."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["mlp"] = "mlp"
-    activation: Literal["gated_relu", "relu"] = "gated_relu"
-    gates: int = Field(default=64, ge=1, le=4096)
-    penalty: Literal["nuclear", "frobenius"] = "nuclear"
-    loss: Literal["squared", "cross_entropy"] = "cross_entropy"
-    fit_intercept: bool = True
-    tol: float = Field(default=1e-6, gt=0, le=1.0)
-    max_iter: int | None = Field(default=None, ge=1, le=1_000_000)
+    @model_validator(mode="before")
+    @classmethod
+    def _name_unknown_options(cls, data: Any) -> Any:
+        # pydantic would say "extra inputs are not permitted"; say which options exist instead.
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                kind = cls.model_fields["kind"].default or data.get("kind")
+                elsewhere = [k for k in HEAD_KINDS if k != kind and _has_options(k, unknown)]
+                hint = f" (an option of head kind {elsewhere[0]!r})" if elsewhere else ""
+                raise ValueError(
+                    f"unknown option{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(map(repr, unknown))} for head kind {kind!r}{hint}; "
+                    f"its options are {', '.join(k for k in cls.model_fields if k != 'kind')}"
+                )
+        return data
+
+    @property
+    def output(self) -> str:
+        """The backbone output this head is fitted on."""
+        return HEAD_OUTPUT[self.kind]  # type: ignore[attr-defined]
+
+    @property
+    def solver_class(self) -> str:
+        return HEAD_SOLVER[self.kind]  # type: ignore[attr-defined]
 
     def solver_kwargs(self) -> dict[str, Any]:
+        """The solver's keyword arguments (max_iter only when set: each solver has its own)."""
         kw = self.model_dump(exclude={"kind", "max_iter"})
-        if self.max_iter is not None:
-            kw["max_iter"] = self.max_iter
+        max_iter = getattr(self, "max_iter", None)
+        if max_iter is not None:
+            kw["max_iter"] = max_iter
         return kw
+
+    def check_input(self, shape: tuple[int, ...] | list[int]) -> None:
+        """Raise ValueError when a backbone output of this per-sample shape cannot feed the
+        head. Pooled vectors and tokens (T, d) of any size do (attention projects on
+        min(n_components, d) directions)."""
+
+
+class MLPHead(_Head):
+    """A two-layer ReLU MLP on pooled embeddings (n, d)."""
+
+    kind: Literal["mlp"] = "mlp"
+    activation: Activation = "gated_relu"
+    gates: int = Field(default=64, ge=1, le=4096)
+    penalty: Penalty = "nuclear"
+    loss: Loss = "cross_entropy"
+    fit_intercept: bool = True
+    tol: Tol = 1e-6
+    max_iter: MaxIter = None
+
+
+class CNNHead(_Head):
+    """Conv -> ReLU -> average pool -> linear on feature maps (n, C, H, W)."""
+
+    kind: Literal["cnn"] = "cnn"
+    activation: Activation = "gated_relu"
+    gates: int = Field(default=128, ge=1, le=4096)
+    kernel_size: int = Field(default=1, ge=1, le=7)
+    stride: int = Field(default=1, ge=1, le=7)
+    padding: int = Field(default=0, ge=0, le=3)
+    # Channels are projected on this many principal components first (None: raw channels).
+    n_components: int | None = Field(default=64, ge=1, le=4096)
+    penalty: Penalty = "nuclear"
+    loss: Loss = "cross_entropy"
+    fit_intercept: bool = True
+    tol: Tol = 1e-6
+    max_iter: MaxIter = None
+
+    def check_input(self, shape: tuple[int, ...] | list[int]) -> None:
+        """Raise ValueError when a (C, H, W) feature map cannot feed this head."""
+        c, h, w = (int(v) for v in shape)
+        if min(h, w) + 2 * self.padding < self.kernel_size:
+            raise ValueError(
+                f"kernel_size {self.kernel_size} does not fit the {h} x {w} feature map "
+                f"with padding {self.padding}"
+            )
+        if self.n_components is not None and self.n_components > c:
+            raise ValueError(
+                f"n_components {self.n_components} exceeds the feature map's {c} channels"
+            )
+
+
+class AttentionHead(_Head):
+    """Convex self-attention (linear or gated ReLU) on tokens (n, T, d)."""
+
+    kind: Literal["attention"] = "attention"
+    attention: Literal["linear", "gated_relu"] = "linear"
+    gates: int = Field(default=8, ge=1, le=64)
+    # Tokens are projected on this many whitened principal directions; the lifted program grows
+    # as its cube, hence the bound.
+    n_components: int = Field(default=16, ge=1, le=64)
+    loss: Loss = "cross_entropy"
+    fit_intercept: bool = True
+    tol: Tol = 1e-6
+    max_iter: MaxIter = None
+
+
+def _has_options(kind: str, names: list[str]) -> bool:
+    fields = _HEADS[kind].model_fields
+    return all(n in fields for n in names)
+
+
+_HEADS: dict[str, type[MLPHead | CNNHead | AttentionHead]] = {
+    "mlp": MLPHead,
+    "cnn": CNNHead,
+    "attention": AttentionHead,
+}
+
+
+HeadOptions = MLPHead | CNNHead | AttentionHead
+
+
+class HeadSpec(RootModel[HeadOptions]):
+    """The head to fit: its kind ("mlp" by default) and that kind's solver options.
+
+    Each kind validates its own options and refuses the others'. `root` is the kind's model.
+    """
+
+    root: HeadOptions = Field(default_factory=MLPHead)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _by_kind(cls, data: Any, handler: ModelWrapValidatorHandler[HeadSpec]) -> HeadSpec:
+        # Validate against the named kind only, so errors point at the option (head.gates),
+        # not at a union member, and an unknown kind says which kinds exist.
+        if not isinstance(data, dict):
+            return handler(data)
+        kind = data.get("kind", "mlp")  # a head without a kind is the MLP, as it always was
+        if not isinstance(kind, str) or kind not in _HEADS:
+            raise ValueError(
+                f"unknown head kind {kind!r}; choose one of {', '.join(map(repr, HEAD_KINDS))}"
+            )
+        return cls.model_construct(_HEADS[kind].model_validate(data))
+
+    @property
+    def kind(self) -> str:
+        return self.root.kind
+
+    @property
+    def output(self) -> str:
+        return self.root.output
+
+    @property
+    def solver_class(self) -> str:
+        return self.root.solver_class
+
+    def solver_kwargs(self) -> dict[str, Any]:
+        return self.root.solver_kwargs()
+
+    def check_input(self, shape: tuple[int, ...] | list[int]) -> None:
+        self.root.check_input(shape)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from app.catalogue import check_backbone
+from app.catalogue import check_backbone, check_head
 from app.deps import CtxDep, ProjectDep, SessionDep
 from app.problems import Conflict
 from app.routes.common import get_owned, paginate
 from app.schemas import FinetuneCreate, FinetunePublic, Page
-from cvxtune.contracts import TERMINAL_STATES, DatasetKind, JobState
+from cvxtune.contracts import HEAD_OUTPUT, TERMINAL_STATES, DatasetKind, JobState
 from cvxtune.db import Dataset, Finetune, new_id, utcnow
 from cvxtune.errors import InvalidInput
 
@@ -49,8 +49,16 @@ def to_public(job: Finetune) -> dict[str, Any]:
 def _check_request(ctx: CtxDep, body: FinetuneCreate, ds: Dataset) -> None:
     if ds.kind == DatasetKind.images and not body.backbone:
         raise InvalidInput("an image dataset needs a backbone to extract embeddings with")
+    if ds.kind == DatasetKind.features and body.head.kind != "mlp":
+        raise InvalidInput(
+            "a features dataset holds one vector per sample, which only an mlp head takes; "
+            f"a {body.head.kind} head is fitted on a backbone's {HEAD_OUTPUT[body.head.kind]} "
+            "output, so it needs an image dataset",
+            code="unsupported_head_kind",
+        )
     if body.backbone:
         entry = check_backbone(ctx.settings, body.backbone)
+        check_head(entry, body.head)
         if ds.kind == DatasetKind.features and ds.n_features != entry["embed_dim"]:
             raise InvalidInput(
                 f"dataset features have {ds.n_features} dimensions but {body.backbone} embeds "
