@@ -20,11 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from cvxtune import __version__, features
 from cvxtune.artifacts import ArtifactStore, open_store
-from cvxtune.contracts import STAGE_SPAN, TERMINAL_STATES, DatasetKind, HeadSpec, JobState, Stage
+from cvxtune.contracts import (
+    HEAD_OUTPUT,
+    STAGE_SPAN,
+    TERMINAL_STATES,
+    DatasetKind,
+    HeadSpec,
+    JobState,
+    Stage,
+    head_kind_of_solver,
+)
 from cvxtune.db import Dataset, Finetune, Head, Prediction, session_scope, utcnow
 from cvxtune.errors import CvxtuneError, DatasetError, InvalidInput, NotFound
 from cvxtune.settings import Settings, get_settings
@@ -186,11 +196,20 @@ def validate(job_id: str, env: Env | None = None) -> None:
     job, ds = got
     if ds is None:
         raise DatasetError(f"dataset {job.dataset_id} no longer exists")
-    HeadSpec.model_validate(job.head)
+    head = head_spec(job.head)
+    if ds.kind == DatasetKind.features and head.kind != "mlp":
+        raise InvalidInput(
+            f"a {head.kind} head needs an image dataset; a features dataset feeds mlp heads only",
+            code="unsupported_head_kind",
+        )
     if job.backbone:
         from workers.backbones import get_spec, weights_source
 
         spec = get_spec(job.backbone)
+        try:
+            head.check_input(spec.output_shape(head.output))
+        except ValueError as e:
+            raise InvalidInput(f"head: {e} of backbone {job.backbone}") from e
         src = weights_source(
             job.backbone,
             weights_dir=env.settings.weights_dir,
@@ -210,33 +229,58 @@ def validate(job_id: str, env: Env | None = None) -> None:
     finish_stage(env, job_id, Stage.validate, ds.kind)
 
 
+def head_spec(head: dict[str, Any]) -> HeadSpec:
+    """The job's head spec; a stored spec this version cannot read is bad input, not a crash."""
+    try:
+        return HeadSpec.model_validate(head)
+    except ValidationError as e:
+        first = e.errors()[0] if e.errors() else {"msg": str(e)}
+        raise InvalidInput(f"head: {first['msg']}") from e
+
+
 def _embeddings_key(
-    env: Env, ds: Dataset, backbone: str, report: Callable[[float], None]
+    env: Env, ds: Dataset, backbone: str, output: str, report: Callable[[float], None]
 ) -> tuple[str, bool]:
-    """Extract (or find) the dataset's embeddings; returns their artifact key and cache hit."""
+    """Extract (or find) the dataset's `output` embeddings; returns their artifact key and
+    whether the extraction cache had them.
+
+    The artifact is a directory of .npy files (X, y) and classes.json, so readers can
+    memory-map X: a feature map is 250 kB per image, a dataset's maps can outgrow memory.
+    """
     from workers.extract import extract
 
     res = extract(
         env.store.local_path(ds.artifact_key),
         backbone,
-        output="pooled",
+        output=output,
         cache_dir=env.settings.cache_dir,
         weights_dir=env.settings.weights_dir,
         allow_random=env.settings.allow_random_weights,
         progress=lambda fraction, *_: report(fraction),
     )
-    key = f"embeddings/{res.key}.npz"
+    key = f"embeddings/{res.key}"
     if not env.store.exists(key):
-        classes = [str(c) for c in res.classes]
-        feats = features.Features(
-            X=np.asarray(res.X, dtype=np.float32),
-            y=np.asarray(res.y, dtype=np.int64),
-            classes=classes,
-        )
         with tempfile.TemporaryDirectory() as tmp:
-            features.write_canonical(feats, Path(tmp) / "e.npz")
-            env.store.put_file(key, Path(tmp) / "e.npz")
+            out = Path(tmp) / "e"
+            out.mkdir()
+            np.save(out / "X.npy", np.asarray(res.X, dtype=np.float32))  # streams a memmap
+            np.save(out / "y.npy", np.asarray(res.y, dtype=np.int64))
+            (out / "classes.json").write_text(json.dumps([str(c) for c in res.classes]))
+            env.store.put_dir(key, out)
     return key, bool(getattr(res, "cache_hit", False))
+
+
+def load_embeddings(env: Env, key: str) -> features.Features:
+    """Embeddings by artifact key: a canonical .npz (feature datasets, older jobs) read whole,
+    or an extraction directory whose X is memory-mapped read-only (rows load as used)."""
+    path = env.store.local_path(key)
+    if key.endswith(".npz"):
+        return features.load_canonical(path)
+    return features.Features(
+        X=np.load(path / "X.npy", mmap_mode="r"),
+        y=np.load(path / "y.npy"),
+        classes=json.loads((path / "classes.json").read_text()),
+    )
 
 
 def extract(job_id: str, env: Env | None = None) -> None:
@@ -254,8 +298,9 @@ def extract(job_id: str, env: Env | None = None) -> None:
     else:
         report = Reporter(env, job_id, Stage.extract, ds.kind, _started_epoch(job))
         assert job.backbone is not None
-        key, hit = _embeddings_key(env, ds, job.backbone, report)
-        emb = {"key": key, "cache_hit": hit, "source": job.backbone}
+        output = head_spec(job.head).output
+        key, hit = _embeddings_key(env, ds, job.backbone, output, report)
+        emb = {"key": key, "cache_hit": hit, "source": job.backbone, "output": output}
     finish_stage(env, job_id, Stage.extract, ds.kind, embeddings=emb)
 
 
@@ -272,7 +317,39 @@ def split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def _load_xy(env: Env, job: Finetune) -> features.Features:
-    return features.load_canonical(env.store.local_path(job.outputs["embeddings"]["key"]))
+    return load_embeddings(env, job.outputs["embeddings"]["key"])
+
+
+# Rows per block when predicting: about 64 MB of input at a time, whatever the head's input.
+PREDICT_BLOCK_BYTES = 64 << 20
+
+
+def predict_proba_blocks(clf: Any, X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """clf.predict_proba over X[rows] (all rows by default), a block of rows at a time, so a
+    memory-mapped X is never read into memory whole."""
+    rows = np.arange(len(X)) if rows is None else np.asarray(rows)
+    per_row = max(1, int(np.prod(X.shape[1:])) * X.itemsize)
+    step = max(1, PREDICT_BLOCK_BYTES // per_row)
+    blocks = [
+        np.asarray(clf.predict_proba(X[rows[s : s + step]]), dtype=np.float64)
+        for s in range(0, len(rows), step)
+    ]
+    if not blocks:
+        return np.zeros((0, len(clf.classes_)))
+    return np.concatenate(blocks)
+
+
+def predict_blocks(clf: Any, X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Label indices (as the solver's classes_) of X[rows], block by block."""
+    proba = predict_proba_blocks(clf, X, rows)
+    return np.asarray(clf.classes_)[proba.argmax(1)] if len(proba) else np.zeros(0, np.int64)
+
+
+def load_head(path: Path) -> Any:
+    """A saved head of any kind (the solver reads its class from the directory)."""
+    import solver
+
+    return solver.load(path)
 
 
 def fit(job_id: str, env: Env | None = None) -> None:
@@ -286,23 +363,33 @@ def fit(job_id: str, env: Env | None = None) -> None:
     if "fit" in (job.outputs or {}) and env.store.exists(head_key):
         finish_stage(env, job_id, Stage.fit, kind)
         return
-    from solver import ConvexMLPClassifier
+    import solver
 
     data = _load_xy(env, job)
     train, _ = split(data.y, job.validation_fraction, job.seed)
-    spec = HeadSpec.model_validate(job.head)
-    clf = ConvexMLPClassifier(**spec.solver_kwargs(), lam=job.lam, random_state=job.seed)
+    spec = head_spec(job.head)
+    estimator = getattr(solver, spec.solver_class)
+    clf = estimator(**spec.solver_kwargs(), lam=job.lam, random_state=job.seed)
     report = Reporter(env, job_id, Stage.fit, kind, _started_epoch(job))
     report(0.0, force=True)
     t0 = time.perf_counter()
-    clf.fit(data.X[train], data.y[train], progress=report)
+    X_train = data.X[train]  # the one copy the solver needs; data.X may be memory-mapped
+    try:
+        clf.fit(X_train, data.y[train], progress=report)
+    except ValueError as e:  # the solver refuses inputs it cannot fit, saying why
+        raise InvalidInput(f"the {spec.kind} head cannot be fitted on these inputs: {e}") from e
+    del X_train
     seconds = time.perf_counter() - t0
+    input_shape = [int(v) for v in data.X.shape[1:]]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "head"
         clf.save(out)
         (out / "cvxtune.json").write_text(
             json.dumps(
                 {
+                    "kind": spec.kind,
+                    "output": spec.output,
+                    "input_shape": input_shape,
                     "classes": data.classes,
                     "backbone": job.backbone,
                     "job_id": job_id,
@@ -314,10 +401,14 @@ def fit(job_id: str, env: Env | None = None) -> None:
         )
         env.store.put_dir(head_key, out)
     summary = {
+        "kind": spec.kind,
+        "input_shape": input_shape,
         "objective": _num(getattr(clf, "objective_", None)),
         "duality_gap": _num(getattr(clf, "duality_gap_", None)),
         "n_iter": _num(getattr(clf, "n_iter_", None)),
         "n_neurons": _num(getattr(clf, "n_neurons_", None)),
+        "n_heads": _num(getattr(clf, "n_heads_", None)),
+        "constraint_violation": _num(getattr(clf, "constraint_violation_", None)),
         "lam": _num(getattr(clf, "lam_", job.lam)),
         "lam_max": _num(getattr(clf, "lam_max_", None)),
         "converged": bool(getattr(clf, "converged_", True)),
@@ -366,18 +457,16 @@ def evaluate(job_id: str, env: Env | None = None) -> None:
         return
     job, ds = got
     kind = ds.kind if ds else DatasetKind.features
-    from solver import ConvexMLPClassifier
-
     data = _load_xy(env, job)
     train, val = split(data.y, job.validation_fraction, job.seed)
-    clf = ConvexMLPClassifier.load(env.store.local_path(f"heads/{head_id_for(job_id)}"))
+    clf = load_head(env.store.local_path(f"heads/{head_id_for(job_id)}"))
     metrics: dict[str, Any] = {
         "train": {
             "n": int(train.size),
-            "accuracy": float(np.mean(clf.predict(data.X[train]) == data.y[train])),
+            "accuracy": float(np.mean(predict_blocks(clf, data.X, train) == data.y[train])),
         },
         "validation": (
-            classification_metrics(data.y[val], np.asarray(clf.predict(data.X[val])), data.classes)
+            classification_metrics(data.y[val], predict_blocks(clf, data.X, val), data.classes)
             if val.size
             else None
         ),
@@ -409,19 +498,7 @@ def register(job_id: str, env: Env | None = None) -> None:
                     artifact_key=f"heads/{hid}",
                     classes=ds.classes if ds else [],
                     metrics=out.get("metrics", {}),
-                    certificate={
-                        k: fit_.get(k)
-                        for k in (
-                            "duality_gap",
-                            "objective",
-                            "converged",
-                            "n_iter",
-                            "n_neurons",
-                            "lam",
-                            "lam_max",
-                            "pricing_violation",
-                        )
-                    },
+                    certificate=_certificate(fit_),
                     lineage={
                         "dataset_id": job.dataset_id,
                         "dataset_hash": ds.content_hash if ds else None,
@@ -429,6 +506,10 @@ def register(job_id: str, env: Env | None = None) -> None:
                         "weights": _weights_id(env, job.backbone),
                         "embeddings": out["embeddings"]["key"],
                         "head": job.head,
+                        "input": {
+                            "output": head_spec(job.head).output,
+                            "shape": fit_.get("input_shape"),
+                        },
                         "lam": fit_.get("lam"),
                         "lam_requested": job.lam,
                         "seed": job.seed,
@@ -440,6 +521,26 @@ def register(job_id: str, env: Env | None = None) -> None:
         live.head_id, live.state, live.stage = hid, JobState.succeeded, Stage.done
         live.progress, live.eta_seconds, live.finished_at = 1.0, 0.0, utcnow()
         live.updated_at = utcnow()
+
+
+# What a head's certificate shows; the kind-specific entries only where the kind has them.
+CERTIFICATE = (
+    "duality_gap",
+    "objective",
+    "converged",
+    "n_iter",
+    "n_neurons",
+    "lam",
+    "lam_max",
+    "pricing_violation",
+)
+KIND_CERTIFICATE = ("n_heads", "constraint_violation")
+
+
+def _certificate(fit_: dict[str, Any]) -> dict[str, Any]:
+    cert = {k: fit_.get(k) for k in CERTIFICATE}
+    cert.update({k: fit_[k] for k in KIND_CERTIFICATE if fit_.get(k) is not None})
+    return cert
 
 
 def _weights_id(env: Env, backbone: str | None) -> str | None:
@@ -504,16 +605,23 @@ def predict_batch(prediction_id: str, env: Env | None = None) -> None:
         s.expunge_all()
     if head is None or ds is None:
         raise NotFound("the head or the dataset of this prediction no longer exists")
-    from solver import ConvexMLPClassifier
-
+    clf = load_head(env.store.local_path(head.artifact_key))
+    kind = head_kind_of_solver(type(clf).__name__)
     if ds.kind == DatasetKind.features:
+        if kind != "mlp":
+            raise InvalidInput(
+                f"a {kind} head predicts image datasets only; {ds.id} is a features dataset",
+                code="unsupported_head_kind",
+            )
         data = features.load_canonical(env.store.local_path(ds.artifact_key))
     else:
         assert head.backbone is not None
-        key, _ = _embeddings_key(env, ds, head.backbone, lambda fraction: None)
-        data = features.load_canonical(env.store.local_path(key))
-    clf = ConvexMLPClassifier.load(env.store.local_path(head.artifact_key))
-    proba = np.asarray(clf.predict_proba(data.X), dtype=np.float64)
+        key, _ = _embeddings_key(env, ds, head.backbone, HEAD_OUTPUT[kind], lambda fraction: None)
+        data = load_embeddings(env, key)
+    try:
+        proba = predict_proba_blocks(clf, data.X)
+    except ValueError as e:
+        raise InvalidInput(f"the dataset does not fit the head's input: {e}") from e
     names = [head.classes[int(i)] for i in np.asarray(clf.classes_).tolist()]
     labels = [names[int(j)] for j in proba.argmax(1)]
     results = [
