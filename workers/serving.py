@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from cvxtune.contracts import HEAD_INPUT, HEAD_OUTPUT, head_kind_of_solver
 from cvxtune.errors import InvalidInput
 
 log = logging.getLogger("cvxtune.serving")
@@ -82,15 +83,20 @@ def decode_image(data: bytes) -> Any:
 class _Request:
     images: list[Any]
     future: Future[np.ndarray]
+    output: str = "pooled"
 
 
 class Batcher:
-    """One thread per loaded backbone: drains the queue into batches of at most `max_batch`."""
+    """One thread per loaded backbone: drains the queue into batches of at most `max_batch`.
+
+    Requests name the backbone output they need (pooled vectors for mlp heads, feature maps
+    or tokens for the others); a batch runs one forward per output it holds.
+    """
 
     def __init__(
         self,
         backbone: Any,
-        embed: Callable[[Any, list[Any]], np.ndarray],
+        embed: Callable[[Any, list[Any], str], np.ndarray],
         max_batch: int,
         max_wait_s: float,
     ):
@@ -101,9 +107,9 @@ class Batcher:
         self.thread = threading.Thread(target=self._run, daemon=True, name="cvxtune-batcher")
         self.thread.start()
 
-    def submit(self, images: list[Any]) -> Future[np.ndarray]:
+    def submit(self, images: list[Any], output: str = "pooled") -> Future[np.ndarray]:
         fut: Future[np.ndarray] = Future()
-        self.queue.put(_Request(images, fut))
+        self.queue.put(_Request(images, fut, output))
         return fut
 
     def close(self) -> None:
@@ -133,25 +139,43 @@ class Batcher:
             if first is None:
                 return
             batch = self._collect(first)
-            images = [im for r in batch for im in r.images]
-            try:
-                Z = self.embed(self.backbone, images)
-                self.batches += 1
-            except BaseException as e:  # every waiting request learns why
-                for r in batch:
-                    r.future.set_exception(e)
-                continue
-            start = 0
+            for output in dict.fromkeys(r.output for r in batch):
+                self._forward([r for r in batch if r.output == output], output)
+
+    def _forward(self, batch: list[_Request], output: str) -> None:
+        images = [im for r in batch for im in r.images]
+        try:
+            Z = self.embed(self.backbone, images, output)
+            self.batches += 1
+        except BaseException as e:  # every waiting request learns why
             for r in batch:
-                r.future.set_result(Z[start : start + len(r.images)])
-                start += len(r.images)
+                r.future.set_exception(e)
+            return
+        start = 0
+        for r in batch:
+            r.future.set_result(Z[start : start + len(r.images)])
+            start += len(r.images)
 
 
 @dataclass
 class LoadedHead:
     model: Any
     classes: list[str]  # names, in the order of the model's label indices
-    n_features: int
+    n_features: int  # d of pooled vectors and tokens, C of feature maps; 0 when unknown
+    kind: str = "mlp"
+
+    @property
+    def output(self) -> str:
+        """The backbone output the head takes."""
+        return HEAD_OUTPUT[self.kind]
+
+
+# Per kind: the dimensions of a batch of inputs and the axis that must match n_features.
+_BATCH_NDIM = {"mlp": 2, "cnn": 4, "attention": 3}
+_FEATURE_AXIS = {"mlp": 1, "cnn": 1, "attention": 2}
+_FEATURES = {"mlp": "features", "cnn": "channels", "attention": "features per token"}
+# Rows per predict_proba call: about 32 MB of input, so a batch of feature maps stays small.
+_BLOCK_BYTES = 32 << 20
 
 
 class Server:
@@ -174,25 +198,43 @@ class Server:
     # ---- heads
     def head(self, head_id: str, head_dir: Path, classes: list[str]) -> LoadedHead:
         def load() -> LoadedHead:
-            from solver import ConvexMLPClassifier
+            import solver
 
-            model = ConvexMLPClassifier.load(head_dir)
+            model = solver.load(head_dir)
             n_features = int(getattr(model, "n_features_in_", 0) or 0)
-            return LoadedHead(model, classes, n_features)
+            return LoadedHead(model, classes, n_features, head_kind_of_solver(type(model).__name__))
 
         return self.heads.get_or_load(head_id, load)
 
     def forget_head(self, head_id: str) -> None:
         self.heads.discard(head_id)
 
-    def predict_embeddings(self, head: LoadedHead, X: np.ndarray) -> list[dict[str, Any]]:
+    def check_input(self, head: LoadedHead, X: np.ndarray) -> np.ndarray:
+        """X as float32 in the head's input layout; InvalidInput saying what was expected."""
         X = np.ascontiguousarray(X, dtype=np.float32)
-        if X.ndim != 2 or (head.n_features and X.shape[1] != head.n_features):
-            want = head.n_features or "the head's"
-            raise InvalidInput(f"embeddings must have {want} dimensions, got shape {list(X.shape)}")
+        ndim, axis = _BATCH_NDIM[head.kind], _FEATURE_AXIS[head.kind]
+        if X.ndim != ndim or (head.n_features and X.shape[axis] != head.n_features):
+            size = f", {head.n_features} {_FEATURES[head.kind]}" if head.n_features else ""
+            raise InvalidInput(
+                f"a {head.kind} head takes one {HEAD_INPUT[head.kind]} array per sample{size}; "
+                f"got embeddings of shape {list(X.shape)}"
+            )
         if not np.isfinite(X).all():
             raise InvalidInput("embeddings contain NaN or infinite values")
-        proba = np.asarray(head.model.predict_proba(X), dtype=np.float64)
+        return X
+
+    def predict_embeddings(self, head: LoadedHead, X: np.ndarray) -> list[dict[str, Any]]:
+        X = self.check_input(head, X)
+        step = max(1, _BLOCK_BYTES // max(1, X[0].nbytes)) if len(X) else 1
+        try:
+            proba = np.concatenate(
+                [
+                    np.asarray(head.model.predict_proba(X[s : s + step]), dtype=np.float64)
+                    for s in range(0, len(X), step)
+                ]
+            )
+        except ValueError as e:  # e.g. a feature map smaller than the head's kernel
+            raise InvalidInput(f"embeddings do not fit this {head.kind} head: {e}") from e
         label_idx = [int(c) for c in np.asarray(head.model.classes_).tolist()]
         names = [head.classes[i] for i in label_idx]
         out = []
@@ -214,17 +256,20 @@ class Server:
                 device=self.device,
             )
 
-            def embed(b: Any, images: list[Any]) -> np.ndarray:
-                return np.asarray(embed_images(b, images, output="pooled"), dtype=np.float32)
+            def embed(b: Any, images: list[Any], output: str) -> np.ndarray:
+                return np.asarray(embed_images(b, images, output=output), dtype=np.float32)
 
             return Batcher(bb, embed, self.max_batch, self.max_wait_s)
 
         return self.backbones.get_or_load(backbone, load)
 
-    def embed_images(self, backbone: str, images: list[bytes]) -> Future[np.ndarray]:
-        """Decode and queue images for the backbone's batcher; the future holds embeddings."""
+    def embed_images(
+        self, backbone: str, images: list[bytes], output: str = "pooled"
+    ) -> Future[np.ndarray]:
+        """Decode and queue images for the backbone's batcher; the future holds the `output`
+        embeddings (pooled (n, d), feature_map (n, C, H, W) or tokens (n, T, d))."""
         decoded = [decode_image(b) for b in images]
-        return self._batcher(backbone).submit(decoded)
+        return self._batcher(backbone).submit(decoded, output)
 
     def warm(self, backbone: str) -> None:
         self._batcher(backbone)

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from app import uploads
 from app.deps import CtxDep, ProjectDep, SessionDep
+from app.problems import PayloadTooLarge
 from app.routes.common import get_owned, paginate
 from app.routes.predictions import to_public as prediction_public
 from app.schemas import (
@@ -18,7 +22,7 @@ from app.schemas import (
     PredictEmbeddings,
     PredictResponse,
 )
-from cvxtune.contracts import JobState
+from cvxtune.contracts import HEAD_OUTPUT, JobState
 from cvxtune.db import Dataset, Head, Prediction, new_id, utcnow
 from cvxtune.errors import InvalidInput, NotFound
 
@@ -94,20 +98,16 @@ def download_weights(
 async def predict(
     head_id: str, request: Request, ctx: CtxDep, project: ProjectDep, session: SessionDep
 ) -> dict[str, Any]:
-    """Images as multipart field `files` (one or more), or JSON {"embeddings": [[...], ...]}."""
+    """Images as multipart field `files` (one or more), or JSON {"embeddings": [...]} with one
+    entry per sample shaped as the head's input: (d,) for mlp, (channels, height, width) for
+    cnn, (tokens, d) for attention heads."""
     head = get_owned(session, Head, head_id, project.id, "head")
     head_dir = ctx.store.local_path(head.artifact_key)
-    classes, backbone = list(head.classes), head.backbone
+    classes, backbone, kind = list(head.classes), head.backbone, head_kind(head)
     session.close()  # do not hold a connection while the model runs
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):
-        try:
-            body = PredictEmbeddings.model_validate_json(await request.body())
-        except ValueError as e:
-            raise InvalidInput(f'body must be {{"embeddings": [[...], ...]}}: {e}') from e
-        X = np.asarray(body.embeddings, dtype=np.float32) if body.embeddings else None
-        if X is None or X.ndim != 2:
-            raise InvalidInput("embeddings must be a list of equally long lists of numbers")
+        X = _embeddings(await _body(request, MAX_PREDICT_BYTES))
         preds = await ctx.serving.predict_embeddings(head_id, head_dir, classes, X)
     else:
         if backbone is None:
@@ -119,8 +119,65 @@ async def predict(
         images = [data for field, data in parts if field == "files"]
         if not images:
             raise InvalidInput("send one or more images as multipart field 'files'")
-        preds = await ctx.serving.predict_images(head_id, head_dir, classes, backbone, images)
+        args = (head_id, head_dir, classes, backbone, images)
+        if HEAD_OUTPUT[kind] == "pooled":
+            preds = await ctx.serving.predict_images(*args)
+        else:
+            preds = await _predict_images(ctx.serving.server, *args)
     return {"head_id": head_id, "predictions": preds}
+
+
+def head_kind(head: Head) -> str:
+    """The head's kind, from the spec it was fitted with (older heads are all MLPs)."""
+    return str(((head.lineage or {}).get("head") or {}).get("kind", "mlp"))
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _embeddings(body: bytes) -> np.ndarray:
+    """The samples of a JSON predict body as one numeric array (n, *input shape)."""
+    try:
+        rows = PredictEmbeddings.model_validate_json(body).embeddings
+    except ValueError as e:
+        raise InvalidInput(
+            f'body must be {{"embeddings": [...]}}, one entry per sample: {e}'
+        ) from e
+    try:
+        X = np.asarray(rows)
+    except ValueError as e:  # ragged nesting
+        raise InvalidInput("embeddings must all have the same shape") from e
+    if X.dtype.kind not in "iuf":
+        raise InvalidInput("embeddings must be (nested) lists of numbers of one shape")
+    return X
+
+
+async def _predict_images(
+    server: Any,
+    head_id: str,
+    head_dir: Path,
+    classes: list[str],
+    backbone: str,
+    images: list[bytes],
+) -> list[dict[str, Any]]:
+    """Image predict for heads on feature maps or tokens: the server's batcher runs the output
+    the head takes, and the head (heavier than an mlp) runs off the event loop."""
+
+    def start() -> tuple[Any, Any]:
+        head = server.head(head_id, head_dir, classes)
+        return head, server.embed_images(backbone, images, head.output)
+
+    loaded, future = await run_in_threadpool(start)
+    Z = await asyncio.wrap_future(future)
+    return await run_in_threadpool(server.predict_embeddings, loaded, Z)
 
 
 @router.post("/{head_id}/predictions", status_code=202, response_model=BatchPredictionPublic)
@@ -132,6 +189,12 @@ def create_batch_prediction(
     ds = get_owned(session, Dataset, body.dataset_id, project.id, "dataset")
     if ds.kind == "images" and head.backbone is None:
         raise InvalidInput("this head has no backbone, so it can only predict feature datasets")
+    if ds.kind == "features" and head_kind(head) != "mlp":
+        raise InvalidInput(
+            f"a {head_kind(head)} head predicts image datasets only (it needs the backbone's "
+            f"{HEAD_OUTPUT[head_kind(head)]} output); {ds.id} is a features dataset",
+            code="unsupported_head_kind",
+        )
     pred = Prediction(
         id=new_id("pr"),
         project_id=project.id,
