@@ -21,7 +21,8 @@ and gates), and reports ``constraint_violation_``.
 What the default guarantees: the fit stops when the relative duality gap (primal - dual) /
 primal of the program with the sampled gates, checked on every gate, is at most ``tol`` (1e-6);
 ``duality_gap_`` is that certificate, and at ``max_iter`` a ConvergenceWarning says how far the
-result is. Float32 inputs are solved in float32 to a gap of 1e-4, then polished in float64.
+result is. Float32 inputs are solved in float32 to a gap of 1e-4 (1e-2 with the Frobenius
+penalty, where the float64 phase has the Newton polish), then polished in float64.
 ``lam >= lam_max_`` gives all-zero weights (the outputs are then the class log-frequencies);
 for ``activation="relu"`` lam_max_ is the gated program's threshold, a bound above the exact one.
 

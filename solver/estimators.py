@@ -17,16 +17,17 @@ The fit stops when the relative duality gap (primal - dual) / primal, computed f
 point built from the residual and checked on every gate, is at most ``tol``; the returned
 ``duality_gap_`` is that certificate. If ``max_iter`` iterations come first, a
 ConvergenceWarning is issued and ``duality_gap_`` says how far the result is from certified.
-Float32 inputs are solved in float32 to a gap of 1e-4, then polished in float64. With the
-Frobenius penalty (or one output) the float64 phase alternates accelerated proximal-gradient
-rounds, which find the nonzero blocks, with Newton-CG on those blocks, which converges fast
-once they are found: the gap then falls from ~1e-5 to below 1e-8 in a few hundred operator
-products. With the nuclear penalty and several outputs (the classifier's default) the norm is
-not differentiable at rank-deficient blocks and the solve stays first-order: moderately
-regularised programs reach tol=1e-6 in seconds, but at small lam (below about 1e-2 * lam_max_,
-nearly every gate active) the default max_iter may not suffice for 1e-6, and the warning is
-the honest outcome. ``n_iter_`` counts first-order iterations and Newton-CG operator products
-(each costs one product with the gated operator and one with its adjoint).
+Float32 inputs are solved in float32 to a gap of 1e-4 (1e-2 where Newton applies, below),
+then polished in float64. With the Frobenius penalty (or one output) the float64 phase
+alternates accelerated proximal-gradient rounds, which find the nonzero blocks, with Newton-CG
+on those blocks, which converges fast once they are found: the gap then falls from ~1e-5 to
+below 1e-8 in a few hundred operator products. With the nuclear penalty and several outputs
+(the classifier's default) the norm is not differentiable at rank-deficient blocks and the
+solve stays first-order: moderately regularised programs reach tol=1e-6 in seconds, but at
+small lam (below about 1e-2 * lam_max_, nearly every gate active) the default max_iter may not
+suffice for 1e-6, and the warning is the honest outcome. ``n_iter_`` counts first-order
+iterations and Newton-CG operator products (each costs one product with the gated operator and
+one with its adjoint).
 Inputs are used as given; no centering or scaling happens inside.
 """
 

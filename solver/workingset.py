@@ -22,6 +22,10 @@ from .newton import applies, newton_polish
 from .problem import Certificate, Problem, certificate
 
 LOW_PRECISION_TOL = 1e-4
+# With the Newton polish to finish in float64, the low-precision phase only has to find the
+# support: measured on digits (even vs odd, 128 gates, lam = 0.01 lam_max), stopping float32 at
+# 1e-2 took 1430 iterations in all against 15426 when it had to reach 1e-4 first.
+LOW_PRECISION_TOL_POLISHED = 1e-2
 ROUND_ITERS = 100
 
 
@@ -65,8 +69,9 @@ def solve(
     callback: Callable[[int, Certificate], None] | None = None,
 ) -> SolveResult:
     phases = [(problem.Y.dtype, tol)]
-    if problem.Y.dtype != torch.float64 and tol < LOW_PRECISION_TOL:
-        phases = [(problem.Y.dtype, LOW_PRECISION_TOL), (torch.float64, tol)]
+    low = LOW_PRECISION_TOL_POLISHED if applies(problem) else LOW_PRECISION_TOL
+    if problem.Y.dtype != torch.float64 and tol < low:
+        phases = [(problem.Y.dtype, low), (torch.float64, tol)]
     total = 0
     cert = None
     converged = False
