@@ -348,3 +348,39 @@ def test_head_spec_stays_backward_compatible():
     cnn = HeadSpec.model_validate({"kind": "cnn", "kernel_size": 3})
     assert (cnn.output, cnn.solver_class) == ("feature_map", "ConvexCNNClassifier")
     assert cnn.solver_kwargs()["kernel_size"] == 3 and "max_iter" not in cnn.solver_kwargs()
+
+
+def test_one_batcher_serves_every_output_of_its_backbone():
+    """Requests for pooled vectors and for feature maps that queue together are batched per
+    output: one forward each, and every request gets its own rows of its own output."""
+    import threading
+
+    from workers.serving import Batcher
+
+    calls: list[tuple[str, list[int]]] = []
+    running, release = threading.Event(), threading.Event()
+
+    def embed(backbone, images, output):
+        running.set()
+        release.wait(5)  # hold the first batch until the others have queued behind it
+        calls.append((output, list(images)))
+        width = {"pooled": (4,), "feature_map": (2, 3, 3)}[output]
+        return np.stack([np.full(width, float(i)) for i in images])
+
+    b = Batcher(None, embed, max_batch=32, max_wait_s=0.0)
+    try:
+        first = b.submit([0], "pooled")
+        assert running.wait(5)
+        rest = [
+            b.submit([1, 2], "feature_map"),
+            b.submit([3], "pooled"),
+            b.submit([4], "feature_map"),
+        ]
+        release.set()
+        got = [f.result(timeout=10) for f in [first, *rest]]
+    finally:
+        b.close()
+    assert calls[0] == ("pooled", [0])
+    assert sorted(calls[1:]) == [("feature_map", [1, 2, 4]), ("pooled", [3])]
+    assert [g.shape for g in got] == [(1, 4), (2, 2, 3, 3), (1, 4), (1, 2, 3, 3)]
+    assert [g.reshape(len(g), -1)[:, 0].tolist() for g in got] == [[0], [1, 2], [3], [4]]
