@@ -324,25 +324,15 @@ def _load_xy(env: Env, job: Finetune) -> features.Features:
 PREDICT_BLOCK_BYTES = 64 << 20
 
 
-def predict_proba_blocks(clf: Any, X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-    """clf.predict_proba over X[rows] (all rows by default), a block of rows at a time, so a
-    memory-mapped X is never read into memory whole."""
+def in_blocks(method: Callable[[Any], Any], X: np.ndarray, rows: np.ndarray | None = None) -> Any:
+    """method(X[rows]) for a non-empty selection of rows (all by default), evaluated a block of
+    rows at a time and concatenated, so a memory-mapped X is never read into memory whole."""
     rows = np.arange(len(X)) if rows is None else np.asarray(rows)
     per_row = max(1, int(np.prod(X.shape[1:])) * X.itemsize)
     step = max(1, PREDICT_BLOCK_BYTES // per_row)
-    blocks = [
-        np.asarray(clf.predict_proba(X[rows[s : s + step]]), dtype=np.float64)
-        for s in range(0, len(rows), step)
-    ]
-    if not blocks:
-        return np.zeros((0, len(clf.classes_)))
-    return np.concatenate(blocks)
-
-
-def predict_blocks(clf: Any, X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-    """Label indices (as the solver's classes_) of X[rows], block by block."""
-    proba = predict_proba_blocks(clf, X, rows)
-    return np.asarray(clf.classes_)[proba.argmax(1)] if len(proba) else np.zeros(0, np.int64)
+    return np.concatenate(
+        [np.asarray(method(X[rows[s : s + step]])) for s in range(0, len(rows), step)]
+    )
 
 
 def load_head(path: Path) -> Any:
@@ -463,10 +453,10 @@ def evaluate(job_id: str, env: Env | None = None) -> None:
     metrics: dict[str, Any] = {
         "train": {
             "n": int(train.size),
-            "accuracy": float(np.mean(predict_blocks(clf, data.X, train) == data.y[train])),
+            "accuracy": float(np.mean(in_blocks(clf.predict, data.X, train) == data.y[train])),
         },
         "validation": (
-            classification_metrics(data.y[val], predict_blocks(clf, data.X, val), data.classes)
+            classification_metrics(data.y[val], in_blocks(clf.predict, data.X, val), data.classes)
             if val.size
             else None
         ),
@@ -619,7 +609,7 @@ def predict_batch(prediction_id: str, env: Env | None = None) -> None:
         key, _ = _embeddings_key(env, ds, head.backbone, HEAD_OUTPUT[kind], lambda fraction: None)
         data = load_embeddings(env, key)
     try:
-        proba = predict_proba_blocks(clf, data.X)
+        proba = np.asarray(in_blocks(clf.predict_proba, data.X), dtype=np.float64)
     except ValueError as e:
         raise InvalidInput(f"the dataset does not fit the head's input: {e}") from e
     names = [head.classes[int(i)] for i in np.asarray(clf.classes_).tolist()]
