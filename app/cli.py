@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 from cvxtune.settings import Settings, get_settings
@@ -39,7 +40,9 @@ def worker_command(
     cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
     cmd += ["-Q", settings.queue, "-l", loglevel, "-P", pool]
     cmd += ["-c", str(concurrency or settings.worker_concurrency)]
-    cmd += ["-n", f"cvxtune-{os.getpid()}@%h"]
+    # A random suffix, not the PID: in containers every worker is PID 1, and replicas sharing
+    # a host (host networking) would otherwise share a node name.
+    cmd += ["-n", f"cvxtune-{uuid.uuid4().hex[:8]}@%h"]
     if settings.embedded_broker:
         # The SQLite transport has no broadcast: no gossip, mingle or remote control.
         cmd += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
