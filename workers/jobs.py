@@ -199,7 +199,7 @@ def validate(job_id: str, env: Env | None = None) -> None:
     head = head_spec(job.head)
     if ds.kind == DatasetKind.features and head.kind != "mlp":
         raise InvalidInput(
-            f"a {head.kind} head needs an image dataset; a features dataset feeds mlp heads only",
+            f"the {head.kind} head needs an image dataset; a features dataset feeds mlp heads only",
             code="unsupported_head_kind",
         )
     if job.backbone:
@@ -600,7 +600,7 @@ def predict_batch(prediction_id: str, env: Env | None = None) -> None:
     if ds.kind == DatasetKind.features:
         if kind != "mlp":
             raise InvalidInput(
-                f"a {kind} head predicts image datasets only; {ds.id} is a features dataset",
+                f"the {kind} head predicts image datasets only; {ds.id} is a features dataset",
                 code="unsupported_head_kind",
             )
         data = features.load_canonical(env.store.local_path(ds.artifact_key))

@@ -216,7 +216,7 @@ class Server:
         if X.ndim != ndim or (head.n_features and X.shape[axis] != head.n_features):
             size = f", {head.n_features} {_FEATURES[head.kind]}" if head.n_features else ""
             raise InvalidInput(
-                f"a {head.kind} head takes one {HEAD_INPUT[head.kind]} array per sample{size}; "
+                f"the {head.kind} head takes one {HEAD_INPUT[head.kind]} array per sample{size}; "
                 f"got embeddings of shape {list(X.shape)}"
             )
         if not np.isfinite(X).all():

@@ -52,7 +52,7 @@ def _check_request(ctx: CtxDep, body: FinetuneCreate, ds: Dataset) -> None:
     if ds.kind == DatasetKind.features and body.head.kind != "mlp":
         raise InvalidInput(
             "a features dataset holds one vector per sample, which only an mlp head takes; "
-            f"a {body.head.kind} head is fitted on a backbone's {HEAD_OUTPUT[body.head.kind]} "
+            f"the {body.head.kind} head is fitted on a backbone's {HEAD_OUTPUT[body.head.kind]} "
             "output, so it needs an image dataset",
             code="unsupported_head_kind",
         )

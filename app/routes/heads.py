@@ -191,7 +191,7 @@ def create_batch_prediction(
         raise InvalidInput("this head has no backbone, so it can only predict feature datasets")
     if ds.kind == "features" and head_kind(head) != "mlp":
         raise InvalidInput(
-            f"a {head_kind(head)} head predicts image datasets only (it needs the backbone's "
+            f"the {head_kind(head)} head predicts image datasets only (it needs the backbone's "
             f"{HEAD_OUTPUT[head_kind(head)]} output); {ds.id} is a features dataset",
             code="unsupported_head_kind",
         )
