@@ -48,13 +48,19 @@ class Serving:
     async def predict_images(
         self, head_id: str, head_dir: Path, classes: list[str], backbone: str, images: list[bytes]
     ) -> list[dict[str, Any]]:
+        """The backbone's batcher runs the output the head takes (pooled, feature map or
+        tokens); an MLP head then takes microseconds and runs inline, a CNN or attention head
+        runs off the event loop."""
+
         def start() -> tuple[Any, Any]:  # one hop: the (cached) head, decoding, the queue
             head = self.server.head(head_id, head_dir, classes)
-            return head, self.server.embed_images(backbone, images)
+            return head, self.server.embed_images(backbone, images, head.output)
 
         head, future = await run_in_threadpool(start)
         Z = await asyncio.wrap_future(future)
-        return self.server.predict_embeddings(head, Z)  # a small head: microseconds
+        if head.output == "pooled":
+            return self.server.predict_embeddings(head, Z)
+        return await run_in_threadpool(self.server.predict_embeddings, head, Z)
 
     def preload(self) -> None:
         """Load the configured backbones in the background; requests do not wait for it."""

@@ -39,6 +39,7 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 # Requests stay well under the service's limits (10 000 embeddings, 256 files or 64 MiB each).
 EMBEDDING_ROWS_PER_REQUEST = 1000
+VALUES_PER_REQUEST = 1_000_000  # numbers per JSON body: about 20 MB, under the 64 MiB cap
 IMAGES_PER_REQUEST = 64
 IMAGE_BYTES_PER_REQUEST = 32 * 1024**2
 
@@ -284,10 +285,14 @@ class Client:
             part.unlink(missing_ok=True)
         return size
 
-    def predict_embeddings(self, head_id: str, rows: list[list[float]]) -> list[dict[str, Any]]:
+    def predict_embeddings(self, head_id: str, rows: list[Any]) -> list[dict[str, Any]]:
+        """rows: one entry per sample, shaped as the head's input: (d,) for an mlp head,
+        (channels, height, width) for cnn, (tokens, d) for attention."""
         preds: list[dict[str, Any]] = []
-        for start in range(0, len(rows), EMBEDDING_ROWS_PER_REQUEST):
-            body = {"embeddings": rows[start : start + EMBEDDING_ROWS_PER_REQUEST]}
+        per_request = VALUES_PER_REQUEST // _values_per_sample(rows[:1])
+        step = max(1, min(EMBEDDING_ROWS_PER_REQUEST, per_request))
+        for start in range(0, len(rows), step):
+            body = {"embeddings": rows[start : start + step]}
             r = self.request("POST", f"/v1/heads/{head_id}/predict", json=body, retry=True)
             preds += r.json()["predictions"]
         return preds
@@ -805,6 +810,7 @@ def _head_show(c: Client, a: argparse.Namespace) -> int:
         ("finetune", h["finetune_id"]),
         ("dataset", h["dataset_id"]),
         ("backbone", h["backbone"]),
+        ("kind", h.get("kind", "mlp")),
         ("classes", ", ".join(h["classes"])),
         ("train", train and f"accuracy {train['accuracy']:.3f} (n={train['n']})"),
         ("validation", val and f"accuracy {val['accuracy']:.3f} (n={val['n']})"),
@@ -870,7 +876,15 @@ def heads_main(argv: list[str], http: httpx.Client | None = None) -> int:
 # ---------------------------------------------------------------------- cvxtune predict
 
 
-def _load_embeddings(path: Path) -> list[list[float]]:
+def _values_per_sample(rows: list[Any]) -> int:
+    """Numbers in the first sample of nested lists (1 at least)."""
+    n, x = 1, rows[0] if rows else 0
+    while isinstance(x, list) and x:
+        n, x = n * len(x), x[0]
+    return max(1, n)
+
+
+def _load_embeddings(path: Path) -> list[Any]:
     import numpy as np
 
     try:
@@ -888,8 +902,11 @@ def _load_embeddings(path: Path) -> list[list[float]]:
     X = np.asarray(X, dtype=np.float64)
     if X.ndim == 1:
         X = X[None, :]
-    if X.ndim != 2 or X.shape[0] == 0:
-        raise UsageError(f"{path}: expected a (n_samples, n_features) array, got {X.shape}")
+    if X.ndim not in (2, 3, 4) or X.shape[0] == 0:
+        raise UsageError(
+            f"{path}: expected (n_samples, n_features), (n_samples, tokens, d) or "
+            f"(n_samples, channels, height, width), got {X.shape}"
+        )
     return X.tolist()
 
 
@@ -932,7 +949,9 @@ def predict_main(argv: list[str], http: httpx.Client | None = None) -> int:
     p.add_argument(
         "--embeddings",
         metavar="FILE.npy",
-        help="a (n_samples, n_features) .npy, or an .npz holding X, instead of images",
+        help="a .npy (or an .npz holding X) of the head's inputs instead of images: "
+        "(n, features) for mlp, (n, channels, height, width) for cnn, (n, tokens, d) for "
+        "attention heads",
     )
     p.set_defaults(action=_predict)
     return _dispatch(p, argv, http)

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
 
 from app import uploads
 from app.deps import CtxDep, ProjectDep, SessionDep
@@ -103,7 +100,7 @@ async def predict(
     cnn, (tokens, d) for attention heads."""
     head = get_owned(session, Head, head_id, project.id, "head")
     head_dir = ctx.store.local_path(head.artifact_key)
-    classes, backbone, kind = list(head.classes), head.backbone, head_kind(head)
+    classes, backbone = list(head.classes), head.backbone
     session.close()  # do not hold a connection while the model runs
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):
@@ -119,11 +116,7 @@ async def predict(
         images = [data for field, data in parts if field == "files"]
         if not images:
             raise InvalidInput("send one or more images as multipart field 'files'")
-        args = (head_id, head_dir, classes, backbone, images)
-        if HEAD_OUTPUT[kind] == "pooled":
-            preds = await ctx.serving.predict_images(*args)
-        else:
-            preds = await _predict_images(ctx.serving.server, *args)
+        preds = await ctx.serving.predict_images(head_id, head_dir, classes, backbone, images)
     return {"head_id": head_id, "predictions": preds}
 
 
@@ -158,26 +151,6 @@ def _embeddings(body: bytes) -> np.ndarray:
     if X.dtype.kind not in "iuf":
         raise InvalidInput("embeddings must be (nested) lists of numbers of one shape")
     return X
-
-
-async def _predict_images(
-    server: Any,
-    head_id: str,
-    head_dir: Path,
-    classes: list[str],
-    backbone: str,
-    images: list[bytes],
-) -> list[dict[str, Any]]:
-    """Image predict for heads on feature maps or tokens: the server's batcher runs the output
-    the head takes, and the head (heavier than an mlp) runs off the event loop."""
-
-    def start() -> tuple[Any, Any]:
-        head = server.head(head_id, head_dir, classes)
-        return head, server.embed_images(backbone, images, head.output)
-
-    loaded, future = await run_in_threadpool(start)
-    Z = await asyncio.wrap_future(future)
-    return await run_in_threadpool(server.predict_embeddings, loaded, Z)
 
 
 @router.post("/{head_id}/predictions", status_code=202, response_model=BatchPredictionPublic)

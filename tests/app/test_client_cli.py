@@ -291,3 +291,17 @@ def test_missing_key_and_unreachable_service(
     assert cli.main(["heads", "list"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error connection_failed: could not connect to http://127.0.0.1:9")
+
+
+def test_embeddings_files_take_every_head_kind_shape(tmp_path: Path) -> None:
+    from cvxtune.client import UsageError, _load_embeddings, _values_per_sample
+
+    for shape in [(3, 5), (3, 4, 2), (3, 2, 2, 2)]:
+        path = tmp_path / f"x{len(shape)}.npy"
+        np.save(path, np.arange(np.prod(shape), dtype=np.float32).reshape(shape))
+        rows = _load_embeddings(path)
+        assert np.asarray(rows).shape == shape
+        assert _values_per_sample(rows[:1]) == int(np.prod(shape[1:]))
+    np.save(tmp_path / "bad.npy", np.zeros((2, 1, 1, 1, 1)))
+    with pytest.raises(UsageError, match="expected"):
+        _load_embeddings(tmp_path / "bad.npy")
