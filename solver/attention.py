@@ -6,22 +6,18 @@ lifting and the operators.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .attention_operator import BlockNuclear, GatedAttentionOperator, LinearAttentionOperator
-from .estimators import ConvergenceWarning, Progress, _cpu_threads_for, _progress_adapter
-from .io import FORMAT_VERSION, _jsonable
+from .base import ClassifierMixin, ConvexHead, Progress
+from .estimators import _cpu_threads_for, _progress_adapter
+from .io import COMMON_SCALARS, head_meta, read_head, write_head
 from .losses import LOSSES, CrossEntropyLoss, SquaredLoss
 from .network import factor_blocks
 from .problem import Problem, zero_threshold
@@ -35,19 +31,14 @@ PCA_OVERSAMPLE, PCA_POWER_ITERS = 10, 4
 VARIANCE_RTOL = 1e-10  # components with less variance than this times the largest are dropped
 TENSORS = ("weights_", "intercept_", "gates_", "token_mean_", "projection_")
 SCALARS = (
-    "lam_",
-    "lam_max_",
-    "objective_",
-    "duality_gap_",
-    "n_iter_",
-    "converged_",
+    *COMMON_SCALARS,
     "n_heads_",
     "n_features_in_",
     "n_components_",
 )
 
 
-class ConvexAttentionClassifier:
+class ConvexAttentionClassifier(ClassifierMixin, ConvexHead):
     """Convex self-attention head on tokens X (n, T, d): linear or gated ReLU attention.
 
     Tokens are first projected, z = (x - mean) P, where P (d, d') holds the top
@@ -101,8 +92,6 @@ class ConvexAttentionClassifier:
     keeps the lam of best validation accuracy (``path_``), then refits on all samples.
     """
 
-    _estimator_type = "classifier"
-
     def __init__(
         self,
         attention: str = "linear",
@@ -132,15 +121,6 @@ class ConvexAttentionClassifier:
         self.validation_fraction = validation_fraction
 
     # -- parameters ---------------------------------------------------------------------------
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        code = type(self).__init__.__code__
-        return {k: getattr(self, k) for k in code.co_varnames[1 : code.co_argcount]}
-
-    def set_params(self, **params: Any) -> ConvexAttentionClassifier:
-        for k, v in params.items():
-            setattr(self, k, v)
-        return self
-
     def _check_params(self) -> None:
         if self.attention not in {"linear", "gated_relu"}:
             raise ValueError(f"attention must be 'linear' or 'gated_relu', got {self.attention!r}")
@@ -154,21 +134,11 @@ class ConvexAttentionClassifier:
             raise ValueError(
                 f"n_components must be a positive integer or None, got {self.n_components!r}"
             )
-        if not (isinstance(self.lam, str) and self.lam == "auto"):
-            if not isinstance(self.lam, (int, float)) or not self.lam >= 0:
-                raise ValueError(f"lam must be a non-negative number or 'auto', got {self.lam!r}")
-        if not self.tol > 0:
-            raise ValueError("tol must be positive")
+        self._check_lam_and_tol()
         if not 0 < self.validation_fraction < 1:
             raise ValueError("validation_fraction must be in (0, 1)")
 
     # -- data ---------------------------------------------------------------------------------
-    def _targets(self, y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        idx = np.searchsorted(self.classes_, y)
-        Y = torch.zeros(len(y), len(self.classes_), dtype=like.dtype, device=like.device)
-        Y[torch.arange(len(y)), torch.as_tensor(idx)] = 1.0
-        return Y
-
     def _fit_projection(self, X: torch.Tensor) -> None:
         d = X.shape[2]
         if self.n_components is None:
@@ -222,10 +192,7 @@ class ConvexAttentionClassifier:
             raise ValueError("y must be a 1-d array of class labels")
         if y.shape[0] != Xt.shape[0]:
             raise ValueError(f"X has {Xt.shape[0]} samples but y has {y.shape[0]}")
-        classes = np.unique(y)
-        if classes.size < 2:
-            raise ValueError(f"a classifier needs at least 2 classes in y, got {classes.size}")
-        self.classes_ = classes
+        self.classes_ = self._classes_of(y)
         self.n_features_in_ = int(Xt.shape[2])
         with _cpu_threads_for(Xt, int(self.gates) if self.attention == "gated_relu" else 1):
             return self._fit(Xt, y, progress)
@@ -235,7 +202,7 @@ class ConvexAttentionClassifier:
         self._fit_projection(X)
         z = self._tokens(X)
         self.gates_ = self._sample_gates(z.shape[2], z.device)
-        loss: SquaredLoss | CrossEntropyLoss = LOSSES[self.loss]()
+        loss: SquaredLoss | CrossEntropyLoss = LOSSES[self._loss_name()]()
         pen = BlockNuclear()
         op = self._operator(z, X.dtype)
         self.lam_max_ = zero_threshold(op, Y, loss, pen, self.fit_intercept)
@@ -257,23 +224,9 @@ class ConvexAttentionClassifier:
             working_set=False,
             callback=_progress_adapter(progress, self.tol),
         )
-        self.weights_ = res.W
-        self.intercept_ = res.b if self.fit_intercept else torch.zeros_like(res.b)
-        self.objective_ = res.cert.primal
-        self.duality_gap_ = res.cert.gap
-        self.n_iter_ = res.n_iter
-        self.converged_ = res.converged
+        self._store_solution(res.W, res.b, res.cert, res.n_iter, res.converged)
         self._set_heads()
-        if not self.converged_:
-            warnings.warn(
-                f"stopped after {self.n_iter_} iterations with relative duality gap "
-                f"{self.duality_gap_:.2e}; tol={self.tol:.0e}: raise max_iter or tol",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        if progress is not None:
-            progress(1.0, {"gap": self.duality_gap_, "objective": self.objective_})
-        return self
+        return self._finish(progress, stacklevel=4)
 
     def _choose_lam(self, z, Y, loss, pen, W, progress):
         """Geometric path from lam_max down, warm-started; the best validation accuracy wins."""
@@ -285,29 +238,19 @@ class ConvexAttentionClassifier:
         op, op_val = self._operator(z[tr], Y.dtype), self._operator(z[val], torch.float64)
         lam_hi = self.lam_max_ if self.lam_max_ > 0 else 1.0
         b = torch.zeros(Y.shape[1], dtype=Y.dtype, device=Y.device)
-        path: list[dict[str, float]] = []
-        best: tuple[float, float, torch.Tensor] = (-math.inf, lam_hi, W)
-        for k, lam in enumerate(lam_hi * np.geomspace(1.0, self.lam_min_ratio, self.n_lams)):
-            prob = Problem(op, Y[tr], loss, pen, float(lam), self.fit_intercept)
+
+        def solve_at(lam: float):
+            nonlocal W, b
+            prob = Problem(op, Y[tr], loss, pen, lam, self.fit_intercept)
             res = solve(
                 prob, W, b, tol=max(self.tol, 1e-4), max_iter=self.max_iter, working_set=False
             )
             W, b = res.W.to(Y.dtype), res.b.to(Y.dtype)
             F = op_val.matvec(res.W.to(torch.float64)) + res.b.to(torch.float64)
-            score = float((F.argmax(1) == Y[val].argmax(1)).to(torch.float64).mean())
-            path.append(
-                {
-                    "lam": float(lam),
-                    "validation_score": score,
-                    "objective": res.cert.primal,
-                    "duality_gap": res.cert.gap,
-                }
-            )
-            if score > best[0] + 1e-12:
-                best = (score, float(lam), W)
-            if progress is not None:
-                progress(0.8 * (k + 1) / self.n_lams, {"stage": "lam_path", "lam": float(lam)})
-        return best[1], path, best[2]
+            return float((F.argmax(1) == Y[val].argmax(1)).to(torch.float64).mean()), res.cert, W
+
+        lams = lam_hi * np.geomspace(1.0, self.lam_min_ratio, self.n_lams)
+        return self._lam_path(lams, solve_at, (-math.inf, lam_hi, W), progress)
 
     def _set_heads(self) -> None:
         owner, U, V = factor_blocks(self.weights_)
@@ -315,10 +258,6 @@ class ConvexAttentionClassifier:
         self.n_heads_ = int(owner.numel())
 
     # -- prediction ---------------------------------------------------------------------------
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "weights_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
-
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logits (n, n_classes) as a tensor, for tokens X (n, T, d) with any T."""
         self._check_fitted()
@@ -330,24 +269,6 @@ class ConvexAttentionClassifier:
             )
         op = self._operator(self._tokens(Xt), self.weights_.dtype)
         return op.matvec(self.weights_) + self.intercept_
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Softmax of the logits (cross-entropy); for the squared loss, the logits clipped to
-        [0, 1] and renormalised, which is only a score."""
-        F = self.decision_function(X)
-        if self.loss == "cross_entropy":
-            P = torch.softmax(F, dim=1)
-        else:
-            P = F.clamp(0, 1) + 1e-12
-            P = P / P.sum(dim=1, keepdim=True)
-        return P.cpu().numpy()
-
-    def predict(self, X: Any) -> np.ndarray:
-        best = self.decision_function(X).argmax(dim=1).cpu().numpy()
-        return self.classes_[best]
-
-    def score(self, X: Any, y: Any) -> float:
-        return float(np.mean(self.predict(X) == np.asarray(y)))
 
     # -- export -------------------------------------------------------------------------------
     def to_torch(self) -> AttentionNetwork:
@@ -370,49 +291,20 @@ class ConvexAttentionClassifier:
     def save(self, path: str | Path) -> None:
         """Write the fitted head to directory ``path``: tensors.safetensors + head.json."""
         self._check_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "class": type(self).__name__,
-            "params": {k: _jsonable(v) for k, v in self.get_params().items()},
-            "fitted": {k: _jsonable(getattr(self, k)) for k in SCALARS},
-            "classes": self.classes_.tolist(),
-        }
+        meta = head_meta(self, self.get_params(), SCALARS)
         if hasattr(self, "path_"):
             meta["path"] = self.path_
-        tensors = {
-            k: getattr(self, k).detach().cpu().contiguous()
-            for k in TENSORS
-            if getattr(self, k) is not None
-        }
-        # Both files go under temporary names first: a reader never sees half a head.
-        fd, tmp_t = tempfile.mkstemp(dir=path, suffix=".safetensors.tmp")
-        os.close(fd)
-        save_file(tensors, tmp_t)
-        fd, tmp_j = tempfile.mkstemp(dir=path, suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp_t, path / "tensors.safetensors")
-        os.replace(tmp_j, path / "head.json")
+        tensors = {k: getattr(self, k) for k in TENSORS if getattr(self, k) is not None}
+        write_head(Path(path), tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> ConvexAttentionClassifier:
-        path = Path(path)
-        meta = json.loads((path / "head.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported head format {meta.get('format_version')!r} in {path}")
-        if meta.get("class") != cls.__name__:
-            raise ValueError(f"{path} holds a {meta.get('class')}, not a {cls.__name__}")
-        est = cls(**meta["params"])
-        for k, v in meta["fitted"].items():
-            setattr(est, k, v)
-        est.classes_ = np.asarray(meta["classes"])
+        est, meta = read_head(Path(path), cls)
         if "path" in meta:
             est.path_ = meta["path"]
-        tensors = load_file(str(path / "tensors.safetensors"))
-        for k in TENSORS:
-            setattr(est, k, tensors.get(k))
+        for k in TENSORS:  # the linear head has no gates_, a head without projection none
+            if not hasattr(est, k):
+                setattr(est, k, None)
         est._set_heads()
         return est
 

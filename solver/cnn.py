@@ -40,25 +40,20 @@ Device and dtype follow the inputs.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .base import ClassifierMixin, NeuronHead, Progress
 from .cnn_operator import ConvGeometry, ConvOperator, solve_conv_relu
-from .estimators import ConvergenceWarning, Progress, _cpu_threads_for, _progress_adapter
-from .io import FORMAT_VERSION
+from .estimators import _cpu_threads_for, _progress_adapter
+from .io import COMMON_SCALARS, head_meta, read_head, write_head
 from .losses import LOSSES, CrossEntropyLoss, SquaredLoss
-from .network import factor_blocks, relu_neurons
 from .patterns import unique_patterns
 from .penalties import PENALTIES, GroupFrobenius, GroupNuclear
 from .problem import Problem, zero_threshold
@@ -67,19 +62,14 @@ from .workingset import solve
 PCA_MAX_POSITIONS = 1 << 16
 TENSORS = ("gates_", "gate_bias_", "weights_", "intercept_", "pca_mean_", "components_")
 SCALARS = (
-    "lam_",
-    "lam_max_",
-    "objective_",
-    "duality_gap_",
-    "n_iter_",
-    "converged_",
+    *COMMON_SCALARS,
     "constraint_violation_",
     "n_features_in_",
     "path_",
 )
 
 
-class ConvexCNNClassifier:
+class ConvexCNNClassifier(ClassifierMixin, NeuronHead):
     __doc__ = __doc__
 
     def __init__(
@@ -123,28 +113,11 @@ class ConvexCNNClassifier:
         self.cache_bytes = cache_bytes
 
     # -- parameters ---------------------------------------------------------------------------
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        code = type(self).__init__.__code__
-        return {k: getattr(self, k) for k in code.co_varnames[1 : code.co_argcount]}
-
-    def set_params(self, **params: Any) -> ConvexCNNClassifier:
-        for k, v in params.items():
-            setattr(self, k, v)
-        return self
-
-    def _loss_name(self) -> str:
-        return self.loss or "cross_entropy"
-
     def _check_params(self) -> None:
-        if self.activation not in {"gated_relu", "relu"}:
-            raise ValueError(f"activation must be 'gated_relu' or 'relu', got {self.activation!r}")
-        if self.penalty not in PENALTIES:
-            raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {self.penalty!r}")
+        self._check_activation_and_penalty()
         if self._loss_name() not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        if not (isinstance(self.lam, str) and self.lam == "auto"):
-            if not isinstance(self.lam, (int, float)) or not self.lam >= 0:
-                raise ValueError(f"lam must be a non-negative number or 'auto', got {self.lam!r}")
+        self._check_lam_and_tol()
         for name in ("kernel_size", "stride"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
@@ -157,8 +130,6 @@ class ConvexCNNClassifier:
             raise ValueError(
                 f"n_components must be None or a positive integer, got {self.n_components!r}"
             )
-        if not self.tol > 0:
-            raise ValueError("tol must be positive")
 
     def _geometry(self) -> ConvGeometry:
         return ConvGeometry(
@@ -185,17 +156,6 @@ class ConvexCNNClassifier:
         if not all(bool(torch.isfinite(T[s : s + step]).all()) for s in range(0, len(T), step)):
             raise ValueError("X contains NaN or infinite values")
         return T
-
-    def _targets(self, y: Any, X: torch.Tensor) -> torch.Tensor:
-        y = np.asarray(y)
-        if y.ndim != 1:
-            raise ValueError("y must be a 1-d array of class labels")
-        idx = np.minimum(np.searchsorted(self.classes_, y), len(self.classes_) - 1)
-        if np.any(self.classes_[idx] != y):
-            raise ValueError("y has labels the classifier was not fitted on")
-        Y = torch.zeros(len(y), len(self.classes_), dtype=X.dtype, device=X.device)
-        Y[torch.arange(len(y), device=X.device), torch.as_tensor(idx, device=X.device)] = 1.0
-        return Y
 
     def _fit_projection(self, X: torch.Tensor, gen: torch.Generator) -> None:
         """PCA of the channels over (a sample of) the training positions."""
@@ -278,9 +238,7 @@ class ConvexCNNClassifier:
         as the solver goes."""
         self._check_params()
         Xt = self._feature_map(X)
-        classes = np.unique(np.asarray(y))
-        if classes.size < 2:
-            raise ValueError(f"a classifier needs at least 2 classes in y, got {classes.size}")
+        classes = self._classes_of(y)
         if len(np.asarray(y)) != Xt.shape[0]:
             raise ValueError(f"X has {Xt.shape[0]} samples but y has {len(np.asarray(y))}")
         self.classes_ = classes
@@ -335,7 +293,7 @@ class ConvexCNNClassifier:
                 callback=callback,
             )
             self._store(res.U, res.b, res.cert, res.n_iter, res.converged, res.violation)
-            return self._finish(progress)
+            return self._finish(progress, stacklevel=4)
         problem = Problem(op, Y, loss, pen, self.lam_, self.fit_intercept)
         W = W0 if W0 is not None else X.new_zeros(op.n_gates, op.h, Y.shape[1])
         sol = solve(
@@ -348,7 +306,7 @@ class ConvexCNNClassifier:
             callback=callback,
         )
         self._store(sol.W, sol.b, sol.cert, sol.n_iter, sol.converged, 0.0)
-        return self._finish(progress)
+        return self._finish(progress, stacklevel=4)
 
     def _choose_lam(self, op: ConvOperator, Y, loss, pen, progress: Progress | None):
         """Geometric path from lam_max down on a training split, warm-started; the lam with
@@ -362,10 +320,10 @@ class ConvexCNNClassifier:
         lams = (self.lam_max_ or 1.0) * np.geomspace(1.0, self.lam_min_ratio, self.n_lams)
         W = Y.new_zeros(op.n_gates, op.h, Y.shape[1])
         b = torch.zeros(Y.shape[1], dtype=Y.dtype, device=Y.device)
-        path: list[dict[str, float]] = []
-        best: tuple[float, float, torch.Tensor] = (-math.inf, float(lams[0]), W)
-        for k, lam in enumerate(lams):
-            prob = Problem(train_op, Y[tr], loss, pen, float(lam), self.fit_intercept)
+
+        def solve_at(lam: float):
+            nonlocal W, b
+            prob = Problem(train_op, Y[tr], loss, pen, lam, self.fit_intercept)
             res = solve(
                 prob,
                 W,
@@ -376,57 +334,11 @@ class ConvexCNNClassifier:
             )
             W, b = res.W.to(Y.dtype), res.b.to(Y.dtype)
             pred = (val_op.matvec(W) + b).argmax(dim=1)
-            score = float((pred == Y[val].argmax(dim=1)).to(torch.float64).mean())
-            path.append(
-                {
-                    "lam": float(lam),
-                    "validation_score": score,
-                    "objective": res.cert.primal,
-                    "duality_gap": res.cert.gap,
-                }
-            )
-            if score > best[0] + 1e-12:
-                best = (score, float(lam), W)
-            if progress is not None:
-                progress(0.8 * (k + 1) / len(lams), {"stage": "lam_path", "lam": float(lam)})
-        return best[1], path, best[2]
+            return float((pred == Y[val].argmax(dim=1)).to(torch.float64).mean()), res.cert, W
 
-    def _store(self, W, b, cert, n_iter: int, converged: bool, violation: float) -> None:
-        self.weights_ = W
-        self.intercept_ = b if self.fit_intercept else torch.zeros_like(b)
-        self.objective_ = cert.primal
-        self.duality_gap_ = cert.gap
-        self.n_iter_ = n_iter
-        self.converged_ = converged
-        self.constraint_violation_ = violation
-        self._set_neurons()
-
-    def _set_neurons(self) -> None:
-        if self.activation == "relu":
-            owner, U, V = relu_neurons(self.weights_)
-        else:
-            owner, U, V = factor_blocks(self.weights_)
-        self._neurons = (owner, U, V)
-        self.n_neurons_ = int(owner.numel())
-
-    def _finish(self, progress: Progress | None) -> ConvexCNNClassifier:
-        if not self.converged_:
-            warnings.warn(
-                f"stopped after {self.n_iter_} iterations with relative duality gap "
-                f"{self.duality_gap_:.2e} (constraint violation {self.constraint_violation_:.1e}); "
-                f"tol={self.tol:.0e}: raise max_iter or tol",
-                ConvergenceWarning,
-                stacklevel=4,
-            )
-        if progress is not None:
-            progress(1.0, {"gap": self.duality_gap_, "objective": self.objective_})
-        return self
+        return self._lam_path(lams, solve_at, (-math.inf, float(lams[0]), W), progress)
 
     # -- prediction ---------------------------------------------------------------------------
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "weights_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
-
     def _conv_layer(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Neuron columns U (h, m) -> Conv2d weight (m, C, k, k) and bias (m,)."""
         k = int(self.kernel_size)
@@ -454,24 +366,6 @@ class ConvexCNNClassifier:
         masks = self._geometry().masks(Xp, self.gates_, self.gate_bias_)
         op = ConvOperator(Xp.to(dtype), masks, self._geometry(), cache_bytes=0)
         return op.matvec(self.weights_) + self.intercept_
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Softmax of the logits (cross-entropy); for the squared loss, the outputs clipped to
-        [0, 1] and renormalised, which is only a score."""
-        Fx = self.decision_function(X)
-        if self._loss_name() == "cross_entropy":
-            P = torch.softmax(Fx, dim=1)
-        else:
-            P = Fx.clamp(0, 1) + 1e-12
-            P = P / P.sum(dim=1, keepdim=True)
-        return P.cpu().numpy()
-
-    def predict(self, X: Any) -> np.ndarray:
-        self._check_fitted()
-        return self.classes_[self.decision_function(X).argmax(dim=1).cpu().numpy()]
-
-    def score(self, X: Any, y: Any) -> float:
-        return float(np.mean(self.predict(X) == np.asarray(y)))
 
     # -- export -------------------------------------------------------------------------------
     def to_torch(self) -> nn.Module:
@@ -506,32 +400,12 @@ class ConvexCNNClassifier:
         params = self.get_params()
         if not isinstance(params["gates"], (int, np.integer)):
             params["gates"] = int(self.gates_.shape[0])  # the array itself is in gates_
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "class": type(self).__name__,
-            "params": {k: _plain(v) for k, v in params.items()},
-            "fitted": {k: _plain(getattr(self, k)) for k in SCALARS if hasattr(self, k)},
-            "classes": self.classes_.tolist(),
-        }
-        tensors = {
-            k: getattr(self, k).detach().cpu().contiguous() for k in TENSORS if hasattr(self, k)
-        }
-        _write_atomically(Path(path), tensors, meta)
+        tensors = {k: getattr(self, k) for k in TENSORS if hasattr(self, k)}
+        write_head(Path(path), tensors, head_meta(self, params, SCALARS))
 
     @classmethod
     def load(cls, path: str | Path) -> ConvexCNNClassifier:
-        path = Path(path)
-        meta = json.loads((path / "head.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported head format {meta.get('format_version')!r} in {path}")
-        if meta.get("class") != cls.__name__:
-            raise ValueError(f"{path} holds a {meta.get('class')}, not a {cls.__name__}")
-        est = cls(**meta["params"])
-        for k, v in meta["fitted"].items():
-            setattr(est, k, v)
-        est.classes_ = np.asarray(meta["classes"])
-        for k, v in load_file(str(path / "tensors.safetensors")).items():
-            setattr(est, k, v)
+        est, _ = read_head(Path(path), cls)
         est._set_neurons()
         return est
 
@@ -603,27 +477,6 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
     return layer.requires_grad_(False)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Both files under temporary names first, then renamed: a reader never sees half a head."""
-    path.mkdir(parents=True, exist_ok=True)
-    fd, tmp_t = tempfile.mkstemp(dir=path, suffix=".safetensors.tmp")
-    os.close(fd)
-    save_file(tensors, tmp_t)
-    fd, tmp_j = tempfile.mkstemp(dir=path, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp_t, path / "tensors.safetensors")
-    os.replace(tmp_j, path / "head.json")
 
 
 __all__ = ["ConvReLUHead", "ConvexCNNClassifier", "GatedConvHead"]

@@ -34,8 +34,7 @@ Inputs are used as given; no centering or scaling happens inside.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,20 +42,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .base import ClassifierMixin, ConvergenceWarning, NeuronHead, Progress
 from .losses import LOSSES, CrossEntropyLoss, SquaredLoss
-from .network import factor_blocks, gated_network, relu_network, relu_neurons
+from .network import gated_network, relu_network
 from .operator import GatedOperator
 from .patterns import compute_patterns, sample_gates, unique_patterns
 from .penalties import PENALTIES, GroupFrobenius, GroupNuclear
 from .problem import Problem, zero_threshold
 from .relu import solve_relu
 from .workingset import solve
-
-Progress = Callable[[float, dict[str, Any]], None]
-
-
-class ConvergenceWarning(UserWarning):
-    """The solver stopped at max_iter before the duality gap reached tol."""
 
 
 def _as_tensor(X: Any) -> torch.Tensor:
@@ -75,9 +69,8 @@ def _as_tensor(X: Any) -> torch.Tensor:
     return T
 
 
-class _ConvexMLP:
+class _ConvexMLP(NeuronHead):
     _estimator_type = "regressor"
-    _default_loss = "squared"
 
     def __init__(
         self,
@@ -112,31 +105,11 @@ class _ConvexMLP:
         self.pricing_gates = pricing_gates
 
     # -- parameters ---------------------------------------------------------------------------
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        code = type(self).__init__.__code__
-        names = code.co_varnames[1 : code.co_argcount]
-        return {k: getattr(self, k) for k in names}
-
-    def set_params(self, **params: Any) -> _ConvexMLP:
-        for k, v in params.items():
-            setattr(self, k, v)
-        return self
-
     def _check_params(self) -> None:
-        if self.activation not in {"gated_relu", "relu"}:
-            raise ValueError(f"activation must be 'gated_relu' or 'relu', got {self.activation!r}")
-        if self.penalty not in PENALTIES:
-            raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {self.penalty!r}")
+        self._check_activation_and_penalty()
         if self._loss_name() not in self._allowed_losses():
             raise ValueError(f"loss must be one of {self._allowed_losses()}, got {self.loss!r}")
-        if not (isinstance(self.lam, str) and self.lam == "auto"):
-            if not isinstance(self.lam, (int, float)) or not self.lam >= 0:
-                raise ValueError(f"lam must be a non-negative number or 'auto', got {self.lam!r}")
-        if not self.tol > 0:
-            raise ValueError("tol must be positive")
-
-    def _loss_name(self) -> str:
-        return self.loss or self._default_loss
+        self._check_lam_and_tol()
 
     def _allowed_losses(self) -> tuple[str, ...]:
         return ("squared",)
@@ -214,7 +187,7 @@ class _ConvexMLP:
             working_set=self.working_set,
             callback=_progress_adapter(progress, self.tol),
         )
-        self._store(res.W, res.b, res.cert, res.n_iter, res.converged, violation=0.0)
+        self._store(res.W, res.b, res.cert, res.n_iter, res.converged, 0.0)
         self.pricing_violation_ = self._pricing(Z, Y, problem, res.W, res.b)
         return self._finish(progress)
 
@@ -230,41 +203,9 @@ class _ConvexMLP:
             max_iter=self.max_iter,
             callback=_progress_adapter(progress, self.tol),
         )
-        self._store(res.U, res.b, res.cert, res.n_iter, res.converged, violation=res.violation)
+        self._store(res.U, res.b, res.cert, res.n_iter, res.converged, res.violation)
         self.pricing_violation_ = float("nan")
         return self._finish(progress)
-
-    def _store(self, W, b, cert, n_iter: int, converged: bool, *, violation: float) -> None:
-        """Fitted state shared by both activations."""
-        self.weights_ = W
-        self.intercept_ = b if self.fit_intercept else torch.zeros_like(b)
-        self.objective_ = cert.primal
-        self.duality_gap_ = cert.gap
-        self.n_iter_ = n_iter
-        self.converged_ = converged
-        self.constraint_violation_ = violation
-        self._set_neurons()
-
-    def _finish(self, progress: Progress | None) -> _ConvexMLP:
-        if not self.converged_:
-            warnings.warn(
-                f"stopped after {self.n_iter_} iterations with relative duality gap "
-                f"{self.duality_gap_:.2e} (constraint violation {self.constraint_violation_:.1e}); "
-                f"tol={self.tol:.0e}: raise max_iter or tol",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        if progress is not None:
-            progress(1.0, {"gap": self.duality_gap_, "objective": self.objective_})
-        return self
-
-    def _set_neurons(self) -> None:
-        if self.activation == "relu":
-            owner, U, V = relu_neurons(self.weights_)
-        else:
-            owner, U, V = factor_blocks(self.weights_)
-        self._neurons = (owner, U, V)
-        self.n_neurons_ = int(owner.numel())
 
     def _choose_lam(self, Z, masks, Y, loss, pen, progress):
         """Geometric path from lam_max down, warm-started; pick the best validation score."""
@@ -278,10 +219,10 @@ class _ConvexMLP:
         op = GatedOperator(Z[tr], masks[tr])
         W = Z.new_zeros(masks.shape[1], Z.shape[1], Y.shape[1])
         b = torch.zeros(Y.shape[1], dtype=Z.dtype, device=Z.device)
-        path: list[dict[str, float]] = []
-        best: tuple[float, float | None, torch.Tensor | None] = (-math.inf, None, None)
-        for k, lam in enumerate(lams):
-            prob = Problem(op, Y[tr], loss, pen, float(lam), self.fit_intercept)
+
+        def solve_at(lam: float):
+            nonlocal W, b
+            prob = Problem(op, Y[tr], loss, pen, lam, self.fit_intercept)
             res = solve(
                 prob,
                 W,
@@ -292,21 +233,11 @@ class _ConvexMLP:
             )
             W, b = res.W.to(Z.dtype), res.b.to(Z.dtype)
             F = GatedOperator(Z[val], masks[val]).matvec(W) + b
-            score = self._validation_score(F, Y[val])
-            path.append(
-                {
-                    "lam": float(lam),
-                    "validation_score": score,
-                    "objective": res.cert.primal,
-                    "duality_gap": res.cert.gap,
-                }
-            )
-            if score > best[0] + 1e-12:
-                best = (score, float(lam), W)
-            if progress is not None:
-                progress(0.8 * (k + 1) / len(lams), {"stage": "lam_path", "lam": float(lam)})
-        assert best[1] is not None
-        return best[1], path, best[2]
+            return self._validation_score(F, Y[val]), res.cert, W
+
+        best_lam, path, best_W = self._lam_path(lams, solve_at, (-math.inf, None, None), progress)
+        assert best_lam is not None
+        return best_lam, path, best_W
 
     def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
         ss_res = float((F - Y).square().sum())
@@ -344,10 +275,6 @@ class _ConvexMLP:
         masks = compute_patterns(Z.to(self.gates_.dtype), self.gates_)
         return GatedOperator(Z, masks).matvec(self.weights_) + self.intercept_
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "weights_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
-
     def predict(self, X: Any) -> np.ndarray:
         F = self.decision_function(X).cpu().numpy()
         return F[:, 0] if F.shape[1] == 1 else F
@@ -383,54 +310,19 @@ class ConvexMLPRegressor(_ConvexMLP):
     __doc__ = "Convex two-layer (gated) ReLU regressor.\n" + (__doc__ or "")
 
 
-class ConvexMLPClassifier(_ConvexMLP):
+class ConvexMLPClassifier(ClassifierMixin, _ConvexMLP):
     __doc__ = "Convex two-layer (gated) ReLU classifier.\n" + (__doc__ or "")
-    _estimator_type = "classifier"
-    _default_loss = "cross_entropy"
 
     def _allowed_losses(self) -> tuple[str, ...]:
         return ("squared", "cross_entropy")
 
-    def _targets(self, y: Any, X: torch.Tensor) -> torch.Tensor:
-        y = np.asarray(y)
-        if y.ndim != 1:
-            raise ValueError("y must be a 1-d array of class labels")
-        classes = self.classes_
-        idx = np.minimum(np.searchsorted(classes, y), len(classes) - 1)
-        if np.any(classes[idx] != y):
-            raise ValueError("y has labels the classifier was not fitted on")
-        Y = torch.zeros(len(y), len(classes), dtype=X.dtype, device=X.device)
-        Y[torch.arange(len(y)), torch.as_tensor(idx)] = 1.0
-        return Y
-
     def fit(self, X: Any, y: Any, *, progress: Progress | None = None) -> ConvexMLPClassifier:
-        classes = np.unique(np.asarray(y))
-        if classes.size < 2:
-            raise ValueError(f"a classifier needs at least 2 classes in y, got {classes.size}")
-        self.classes_ = classes
+        self.classes_ = self._classes_of(y)
         super().fit(X, y, progress=progress)
         return self
 
     def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
         return float((F.argmax(dim=1) == Y.argmax(dim=1)).to(torch.float64).mean())
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Softmax of the outputs (cross-entropy); for the squared loss, the outputs clipped to
-        [0, 1] and renormalised, which is only a score."""
-        F = self.decision_function(X)
-        if self._loss_name() == "cross_entropy":
-            P = torch.softmax(F, dim=1)
-        else:
-            P = F.clamp(0, 1) + 1e-12
-            P = P / P.sum(dim=1, keepdim=True)
-        return P.cpu().numpy()
-
-    def predict(self, X: Any) -> np.ndarray:
-        best = self.decision_function(X).argmax(dim=1).cpu().numpy()
-        return self.classes_[best]
-
-    def score(self, X: Any, y: Any) -> float:
-        return float(np.mean(self.predict(X) == np.asarray(y)))
 
 
 def lam_max(Z, masks, Y, loss, pen, fit_bias: bool) -> float:

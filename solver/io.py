@@ -1,7 +1,9 @@
 """Saving and loading fitted heads: tensors in safetensors, everything else in JSON.
 
-No pickle: a head directory holds ``tensors.safetensors`` (gates_, weights_, intercept_) and
-``head.json`` (class, hyperparameters, fitted scalars, classes, format version).
+No pickle: a head directory holds ``tensors.safetensors`` (the fitted tensors: for the MLP
+gates_, weights_, intercept_) and ``head.json`` (class, hyperparameters, fitted scalars, classes,
+format version). ``write_head`` and ``read_head`` do this for every head class; ``save_head`` and
+``load_head`` are the MLP's.
 """
 
 from __future__ import annotations
@@ -9,21 +11,27 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 TENSORS = ("gates_", "weights_", "intercept_")
-SCALARS = (
+# The fitted scalars of every head (ConvexHead._store_solution and lam_, lam_max_).
+COMMON_SCALARS = (
     "lam_",
     "lam_max_",
     "objective_",
     "duality_gap_",
     "n_iter_",
     "converged_",
+)
+SCALARS = (
+    *COMMON_SCALARS,
     "pricing_violation_",
     "n_features_in_",
 )
@@ -37,22 +45,27 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def save_head(est: Any, path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {
+def head_meta(est: Any, params: dict[str, Any], scalars: Iterable[str]) -> dict[str, Any]:
+    """head.json's content: format version, class, hyperparameters, the fitted scalars that
+    ``est`` has and, for a classifier, its classes."""
+    meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "class": type(est).__name__,
-        "params": {
-            k: _jsonable(v)
-            for k, v in est.get_params().items()
-            if k != "gates" or isinstance(v, (int, np.integer))
-        },
-        "fitted": {k: _jsonable(getattr(est, k)) for k in SCALARS if hasattr(est, k)},
+        "params": {k: _jsonable(v) for k, v in params.items()},
+        "fitted": {k: _jsonable(getattr(est, k)) for k in scalars if hasattr(est, k)},
     }
     if hasattr(est, "classes_"):
         meta["classes"] = est.classes_.tolist()
-    tensors = {k: getattr(est, k).detach().cpu().contiguous() for k in TENSORS}
-    # Write both files under temporary names, then rename: a reader never sees half a head.
+    return meta
+
+
+def write_head(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``tensors.safetensors`` and ``head.json`` into directory ``path``.
+
+    Both files go under temporary names first, then are renamed: a reader never sees half a head.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     fd, tmp_t = tempfile.mkstemp(dir=path, suffix=".safetensors.tmp")
     os.close(fd)
     save_file(tensors, tmp_t)
@@ -63,12 +76,15 @@ def save_head(est: Any, path: Path) -> None:
     os.replace(tmp_j, path / "head.json")
 
 
-def load_head(path: Path, cls: type) -> Any:
+def read_head(path: Path, cls: type, *, check_class: bool = True) -> tuple[Any, dict[str, Any]]:
+    """An unfitted ``cls(**params)`` given the saved fitted scalars, classes and tensors, with
+    head.json's content; raises ValueError for another format version or (with
+    ``check_class``) another class."""
     meta = json.loads((path / "head.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"unsupported head format {meta.get('format_version')!r} in {path}")
-    if meta["class"] != cls.__name__ and cls.__name__ != "_ConvexMLP":
-        raise ValueError(f"{path} holds a {meta['class']}, not a {cls.__name__}")
+    if check_class and meta.get("class") != cls.__name__:
+        raise ValueError(f"{path} holds a {meta.get('class')}, not a {cls.__name__}")
     est = cls(**meta["params"])
     for k, v in meta["fitted"].items():
         setattr(est, k, v)
@@ -76,6 +92,21 @@ def load_head(path: Path, cls: type) -> Any:
         est.classes_ = np.asarray(meta["classes"])
     for k, v in load_file(str(path / "tensors.safetensors")).items():
         setattr(est, k, v)
+    return est, meta
+
+
+def save_head(est: Any, path: Path) -> None:
+    """Write a fitted MLP head (gates given as an array are stored in gates_ only)."""
+    params = est.get_params()
+    if not isinstance(params["gates"], (int, np.integer)):
+        del params["gates"]
+    write_head(path, {k: getattr(est, k) for k in TENSORS}, head_meta(est, params, SCALARS))
+
+
+def load_head(path: Path, cls: type) -> Any:
+    """Load an MLP head saved by ``save_head``; ``cls`` the generic _ConvexMLP takes either
+    class."""
+    est, _ = read_head(path, cls, check_class=cls.__name__ != "_ConvexMLP")
     est._set_neurons()
     return est
 

@@ -1,0 +1,201 @@
+"""What every convex head shares: hyperparameters, fitted state, the finish, classifier outputs.
+
+``ConvexHead`` holds the scikit-learn parameter protocol, the checks common to all heads, the
+fitted scalars of a solve and the ConvergenceWarning at its end. ``NeuronHead`` adds the
+(gated) ReLU neurons of the MLP and CNN heads. ``ClassifierMixin`` turns labels into one-hot
+targets and logits into labels, probabilities and accuracy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
+import torch
+
+from .network import factor_blocks, relu_neurons
+from .penalties import PENALTIES
+
+Progress = Callable[[float, dict[str, Any]], None]
+
+
+class ConvergenceWarning(UserWarning):
+    """The solver stopped at max_iter before the duality gap reached tol."""
+
+
+class ConvexHead:
+    """Parameters, checks, fitted state and the finish shared by the heads."""
+
+    _default_loss = "squared"
+    lam: float | str
+    loss: str | None
+    fit_intercept: bool
+    tol: float
+
+    # -- parameters ---------------------------------------------------------------------------
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The hyperparameters: every argument of ``__init__``, by name."""
+        code = type(self).__init__.__code__
+        return {k: getattr(self, k) for k in code.co_varnames[1 : code.co_argcount]}
+
+    def set_params(self, **params: Any) -> Self:
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    def _check_lam_and_tol(self) -> None:
+        if not (isinstance(self.lam, str) and self.lam == "auto"):
+            if not isinstance(self.lam, (int, float)) or not self.lam >= 0:
+                raise ValueError(f"lam must be a non-negative number or 'auto', got {self.lam!r}")
+        if not self.tol > 0:
+            raise ValueError("tol must be positive")
+
+    def _loss_name(self) -> str:
+        return self.loss or self._default_loss
+
+    # -- fitted state -------------------------------------------------------------------------
+    def _store_solution(self, W, b, cert, n_iter: int, converged: bool) -> None:
+        """Weights, output bias (zero without an intercept) and the certificate of a solve."""
+        self.weights_ = W
+        self.intercept_ = b if self.fit_intercept else torch.zeros_like(b)
+        self.objective_ = cert.primal
+        self.duality_gap_ = cert.gap
+        self.n_iter_ = n_iter
+        self.converged_ = converged
+
+    def _finish(self, progress: Progress | None, stacklevel: int = 3) -> Self:
+        """Warn if the gap did not reach tol (``stacklevel`` as for ``warnings.warn`` called
+        here), then report completion to ``progress``."""
+        if not self.converged_:
+            violation = getattr(self, "constraint_violation_", None)
+            detail = "" if violation is None else f" (constraint violation {violation:.1e})"
+            warnings.warn(
+                f"stopped after {self.n_iter_} iterations with relative duality gap "
+                f"{self.duality_gap_:.2e}{detail}; tol={self.tol:.0e}: raise max_iter or tol",
+                ConvergenceWarning,
+                stacklevel=stacklevel,
+            )
+        if progress is not None:
+            progress(1.0, {"gap": self.duality_gap_, "objective": self.objective_})
+        return self
+
+    @staticmethod
+    def _lam_path(
+        lams: Any,
+        solve_at: Callable[[float], tuple[float, Any, torch.Tensor]],
+        best: tuple[float, Any, Any],
+        progress: Progress | None,
+    ) -> tuple[Any, list[dict[str, float]], Any]:
+        """Walk ``lams`` (largest first); ``solve_at(lam)`` fits at lam, warm-started from the
+        previous fit, and returns (validation score, certificate, W). Returns the best lam, the
+        path (one record per lam) and the best W; ``best`` is what is kept when no score wins."""
+        path: list[dict[str, float]] = []
+        for k, lam in enumerate(lams):
+            score, cert, W = solve_at(float(lam))
+            path.append(
+                {
+                    "lam": float(lam),
+                    "validation_score": score,
+                    "objective": cert.primal,
+                    "duality_gap": cert.gap,
+                }
+            )
+            if score > best[0] + 1e-12:
+                best = (score, float(lam), W)
+            if progress is not None:
+                progress(0.8 * (k + 1) / len(lams), {"stage": "lam_path", "lam": float(lam)})
+        return best[1], path, best[2]
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "weights_"):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
+
+
+class NeuronHead(ConvexHead):
+    """A head whose weights factor into (gated) ReLU neurons: the MLP and CNN heads."""
+
+    activation: str
+    penalty: str
+
+    def _check_activation_and_penalty(self) -> None:
+        if self.activation not in {"gated_relu", "relu"}:
+            raise ValueError(f"activation must be 'gated_relu' or 'relu', got {self.activation!r}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {self.penalty!r}")
+
+    def _store(self, W, b, cert, n_iter: int, converged: bool, violation: float) -> None:
+        """Fitted state shared by both activations (violation: 0 for the gated program)."""
+        self._store_solution(W, b, cert, n_iter, converged)
+        self.constraint_violation_ = violation
+        self._set_neurons()
+
+    def _set_neurons(self) -> None:
+        if self.activation == "relu":
+            owner, U, V = relu_neurons(self.weights_)
+        else:
+            owner, U, V = factor_blocks(self.weights_)
+        self._neurons = (owner, U, V)
+        self.n_neurons_ = int(owner.numel())
+
+
+class ClassifierMixin:
+    """Labels <-> one-hot targets, and the outputs of a classifier's logits.
+
+    Put it before the head class, so that its target encoding and predictions win.
+    """
+
+    _estimator_type = "classifier"
+    _default_loss = "cross_entropy"
+    classes_: np.ndarray
+
+    if TYPE_CHECKING:  # provided by the head class
+
+        def decision_function(self, X: Any) -> torch.Tensor: ...
+
+        def _loss_name(self) -> str: ...
+
+    @staticmethod
+    def _classes_of(y: Any) -> np.ndarray:
+        """The sorted distinct labels of y, at least two of them."""
+        classes = np.unique(np.asarray(y))
+        if classes.size < 2:
+            raise ValueError(f"a classifier needs at least 2 classes in y, got {classes.size}")
+        return classes
+
+    def _targets(self, y: Any, X: torch.Tensor) -> torch.Tensor:
+        """One-hot Y (n, n_classes) in X's dtype and device, for labels among ``classes_``."""
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise ValueError("y must be a 1-d array of class labels")
+        classes = self.classes_
+        idx = np.minimum(np.searchsorted(classes, y), len(classes) - 1)
+        if np.any(classes[idx] != y):
+            raise ValueError("y has labels the classifier was not fitted on")
+        Y = torch.zeros(len(y), len(classes), dtype=X.dtype, device=X.device)
+        Y[torch.arange(len(y), device=X.device), torch.as_tensor(idx, device=X.device)] = 1.0
+        return Y
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Softmax of the logits (cross-entropy); for the squared loss, the outputs clipped to
+        [0, 1] and renormalised, which is only a score."""
+        F = self.decision_function(X)
+        if self._loss_name() == "cross_entropy":
+            P = torch.softmax(F, dim=1)
+        else:
+            P = F.clamp(0, 1) + 1e-12
+            P = P / P.sum(dim=1, keepdim=True)
+        return P.cpu().numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The label of the largest logit."""
+        best = self.decision_function(X).argmax(dim=1).cpu().numpy()
+        return self.classes_[best]
+
+    def score(self, X: Any, y: Any) -> float:
+        """Accuracy of ``predict(X)`` against y."""
+        return float(np.mean(self.predict(X) == np.asarray(y)))
+
+
+__all__ = ["ClassifierMixin", "ConvergenceWarning", "ConvexHead", "NeuronHead", "Progress"]
