@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fista import fista
 from .losses import CrossEntropyLoss, SquaredLoss
-from .problem import Certificate, certificate
-from .relu import ReLUProblem, ReLUResult
+from .problem import Certificate
+from .relu import ReLUProblem, ReLUResult, Schedule, augmented_lagrangian
 
 
 @dataclass(frozen=True)
@@ -226,7 +225,8 @@ class ConvReLUProblem(ReLUProblem):
 # Augmented Lagrangian schedule, tuned on small programs against CVXPY: the penalty starts at
 # DELTA0 / (n B) (a patch's weight in the pooled loss is 1 / (n B)), and each round runs a fixed
 # number of FISTA iterations (INNER, then 2 INNER): the subproblem's own stopping test cannot be
-# the gap, since with infeasible iterates the dual bound can exceed the primal value.
+# the gap, since with infeasible iterates the dual bound can exceed the primal value. The penalty
+# stays once the violation is at most tol.
 DELTA0, INNER = 300.0, 300
 
 
@@ -248,40 +248,10 @@ def solve_conv_relu(
     patches: (n B, h) stacked patch rows, sample-major; masks: bool (n B, p).
     Returns U = [V; W] (2p, h, c) with the violation relative to the largest |x_b^T U_jk|.
     """
-    n, c = Y.shape
-    p = masks.shape[1]
-    B = patches.shape[0] // n
-    U = patches.new_zeros(2 * p, patches.shape[1], c)
-    b = torch.zeros(c, dtype=patches.dtype, device=patches.device)
-    delta, mult = DELTA0 / (n * B), None
-    used, L, last_viol, viol = 0, 1.0, float("inf"), 0.0
-    prob = ConvReLUProblem(patches, masks, Y, loss, lam, fit_bias, delta, mult)
-    cert = certificate(prob, U, b, prob.forward(U))
-    for outer in range(max_outer):
-        prob = ConvReLUProblem(patches, masks, Y, loss, lam, fit_bias, delta, mult)
-        res = fista(
-            prob,
-            U,
-            b,
-            tol=-1.0,
-            max_iter=max(1, min(max_iter - used, INNER << min(outer, 1))),
-            L=L,
-            extrapolate_dual=False,
-            callback=callback,
-        )
-        used += res.n_iter
-        U, b, L = res.W, res.b, res.L
-        raw = res.AW
-        viol = prob.violation(raw) / (float(raw.abs().max()) or 1.0)
-        mult = prob.updated_multipliers(raw)
-        done = ConvReLUProblem(patches, masks, Y, loss, lam, fit_bias, delta, mult)
-        cert = certificate(done, U, b, raw)
-        if (cert.gap <= tol and viol <= tol) or used >= max_iter:
-            break
-        if viol > tol and viol > 0.25 * last_viol:
-            delta *= 4.0  # the violation is not shrinking fast enough: penalize harder
-        last_viol = viol
-    return ReLUResult(U, cert.b, cert, used, cert.gap <= tol and viol <= tol, viol)
+    n_rows = Y.shape[0] * (patches.shape[0] // Y.shape[0])  # n B
+    args = (patches, masks, Y, loss, lam, fit_bias)
+    schedule = Schedule(delta=DELTA0 / n_rows, inner=INNER, settled=tol)
+    return augmented_lagrangian(ConvReLUProblem, args, schedule, tol, max_iter, max_outer, callback)
 
 
 __all__ = ["ConvGeometry", "ConvOperator", "ConvReLUProblem", "solve_conv_relu"]

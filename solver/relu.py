@@ -111,23 +111,57 @@ def solve_relu(
     max_outer: int = 40,
     callback: Callable[[int, Certificate], None] | None = None,
 ) -> ReLUResult:
-    n, p = masks.shape
-    c = Y.shape[1]
-    U = Z.new_zeros(2 * p, Z.shape[1], c)
-    b = torch.zeros(c, dtype=Z.dtype, device=Z.device)
-    delta, mult = 10.0 / n, None
-    used, L, last_viol = 0, 1.0, float("inf")
-    prob = ReLUProblem(Z, masks, Y, loss, lam, fit_bias, delta, mult)
+    """The exact ReLU program; each subproblem runs FISTA to the gap ``tol``."""
+    args = (Z, masks, Y, loss, lam, fit_bias)
+    schedule = Schedule(delta=10.0 / masks.shape[0], inner=None, settled=0.0)
+    return augmented_lagrangian(ReLUProblem, args, schedule, tol, max_iter, max_outer, callback)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the augmented Lagrangian proceeds.
+
+    delta: the first penalty. inner: None runs each subproblem to FISTA's own gap test at tol
+    (all iterations left); a number caps round 0 at inner and later rounds at 2 inner
+    iterations, with no gap test. The penalty grows 4x after a round whose violation is above
+    ``settled`` and above a quarter of the previous round's.
+    """
+
+    delta: float
+    inner: int | None
+    settled: float
+
+
+def augmented_lagrangian(
+    problem: Callable[..., ReLUProblem],
+    args: tuple,
+    schedule: Schedule,
+    tol: float,
+    max_iter: int,
+    max_outer: int,
+    callback: Callable[[int, Certificate], None] | None,
+) -> ReLUResult:
+    """Rounds of FISTA on ``problem(*args, delta, multipliers)`` with multiplier updates,
+    until the gap and the relative violation are both at most tol or max_iter iterations."""
+    Z, Y = args[0], args[2]
+    U = Z.new_zeros(2 * args[1].shape[1], Z.shape[1], Y.shape[1])
+    b = torch.zeros(Y.shape[1], dtype=Z.dtype, device=Z.device)
+    delta, mult = schedule.delta, None
+    used, L, last_viol, viol = 0, 1.0, float("inf"), 0.0
+    prob = problem(*args, delta, mult)
     cert = certificate(prob, U, b, prob.forward(U))
-    viol = 0.0
-    for _ in range(max_outer):
-        prob = ReLUProblem(Z, masks, Y, loss, lam, fit_bias, delta, mult)
+    for outer in range(max_outer):
+        prob = problem(*args, delta, mult)
+        if schedule.inner is None:
+            inner_tol, budget = tol, max_iter - used
+        else:
+            inner_tol, budget = -1.0, min(max_iter - used, schedule.inner << min(outer, 1))
         res = fista(
             prob,
             U,
             b,
-            tol=tol,
-            max_iter=max(1, max_iter - used),
+            tol=inner_tol,
+            max_iter=max(1, budget),
             L=L,
             extrapolate_dual=False,
             callback=callback,
@@ -135,14 +169,12 @@ def solve_relu(
         used += res.n_iter
         U, b, L = res.W, res.b, res.L
         raw = res.AW
-        scale = float(raw.abs().max()) or 1.0
-        viol = prob.violation(raw) / scale
+        viol = prob.violation(raw) / (float(raw.abs().max()) or 1.0)
         mult = prob.updated_multipliers(raw)
-        cert = certificate(ReLUProblem(Z, masks, Y, loss, lam, fit_bias, delta, mult), U, b, raw)
+        cert = certificate(problem(*args, delta, mult), U, b, raw)
         if (cert.gap <= tol and viol <= tol) or used >= max_iter:
             break
-        if viol > 0.25 * last_viol:
+        if viol > schedule.settled and viol > 0.25 * last_viol:
             delta *= 4.0  # the violation is not shrinking fast enough: penalize harder
         last_viol = viol
-    converged = cert.gap <= tol and viol <= tol
-    return ReLUResult(U, cert.b, cert, used, converged, viol)
+    return ReLUResult(U, cert.b, cert, used, cert.gap <= tol and viol <= tol, viol)
