@@ -25,9 +25,19 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from solver import _fmnist_split, _write_image_folder  # noqa: E402  (bench/solver.py)
+
+def _bench_solver():
+    """bench/solver.py's Fashion-MNIST readers, loaded under another name (``solver`` is the
+    package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_solver", ROOT / "bench" / "solver.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 CACHE = ROOT / "bench" / ".cache"
 BACKBONE = "tf_efficientnet_lite0"
@@ -41,6 +51,8 @@ def feature_maps(n_train: int = 10_000, n_test: int = 2_000) -> dict[str, np.nda
         return {k: z[k] for k in z.files}
     from workers.extract import extract
 
+    bs = _bench_solver()
+    _fmnist_split, _write_image_folder = bs._fmnist_split, bs._write_image_folder
     CACHE.mkdir(parents=True, exist_ok=True)
     Itr, ytr, Ite, yte = _fmnist_split(n_train, n_test)
     out: dict[str, np.ndarray] = {}
