@@ -11,6 +11,7 @@ import io
 import os
 import tarfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,18 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def load_fashion_mnist(split: str = "train", root: Path | None = None):
-    """(images (n, 28, 28) uint8, labels (n,) int64) of the 'train' or 'test' split."""
+def load_fashion_mnist(
+    split: str = "train", root: Path | None = None, classes: Sequence[int] | None = None
+):
+    """(images (n, 28, 28) uint8, labels (n,) int64) of the 'train' or 'test' split, only the
+    samples of `classes` when given."""
     root = root or FASHION_MNIST_DIR
     prefix = {"train": "train", "test": "t10k"}[split]
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    if classes is not None:
+        keep = np.isin(labels, classes)
+        images, labels = images[keep], labels[keep]
     return images, labels
 
 

@@ -52,9 +52,7 @@ def fashion(tmp_path_factory):
     """12 training images (4 per class), as an uploaded zip, and 3 unseen probe images."""
     if not fashion_mnist_available():
         pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
-    images, labels = load_fashion_mnist("test")
-    keep = np.isin(labels, CLASSES)
-    images, labels = images[keep], labels[keep]
+    images, labels = load_fashion_mnist("test", classes=CLASSES)
     train = balanced_indices(labels, 4)
     probe = balanced_indices(labels, 1, offset=50)
     path = write_imagefolder(tmp_path_factory.mktemp("fm") / "f.zip", images[train], labels[train])
