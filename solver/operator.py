@@ -38,10 +38,13 @@ class GatedOperator:
         masks: torch.Tensor,
         max_elems: int = 1 << 24,
         max_float_mask_bytes: int = 1 << 29,
+        _shared: dict | None = None,
     ):
         self.X = X
         self.masks = masks
         self.max_elems = max_elems
+        # What restricted copies of this operator can reuse (same X): the Gram eigenbasis.
+        self._shared = {} if _shared is None else _shared
         # Float copies of the masks make each product one fused multiply; keep them only while
         # they cost no more than ``max_float_mask_bytes`` (else convert chunk by chunk).
         nbytes = masks.numel() * X.element_size()
@@ -96,7 +99,35 @@ class GatedOperator:
 
     def restrict(self, idx: torch.Tensor) -> GatedOperator:
         """The operator on a subset of gates (a working set)."""
-        return GatedOperator(self.X, self.masks[:, idx], self.max_elems)
+        return GatedOperator(self.X, self.masks[:, idx], self.max_elems, _shared=self._shared)
 
     def to(self, dtype: torch.dtype) -> GatedOperator:
         return GatedOperator(self.X.to(dtype), self.masks, self.max_elems)
+
+    def sample_rows(self, m: int) -> torch.Tensor:
+        """m row indices: all rows when m >= n, else a fixed random subset (seeded, sorted)."""
+        n = self.X.shape[0]
+        if m >= n:
+            return torch.arange(n, device=self.X.device)
+        key = ("rows", m)
+        if key not in self._shared:
+            g = torch.Generator().manual_seed(0)
+            self._shared[key] = torch.randperm(n, generator=g)[:m].sort().values.to(self.X.device)
+        return self._shared[key]
+
+    def take_rows(self, rows: torch.Tensor) -> GatedOperator:
+        """The operator on a subset of the samples (rows of X and of the masks)."""
+        n = self.X.shape[0]
+        if rows.numel() == n:
+            return self
+        shared = self._shared.setdefault(("sub", rows.numel()), {})
+        return GatedOperator(self.X[rows], self.masks[rows], self.max_elems, _shared=shared)
+
+    def row_gram(self) -> torch.Tensor:
+        """X X^T (n x n), computed once per X."""
+        if "row_gram" not in self._shared:
+            self._shared["row_gram"] = self.X @ self.X.T
+        return self._shared["row_gram"]
+
+    def float_masks(self) -> torch.Tensor:
+        return self._mask(0, self.n_gates)

@@ -95,3 +95,76 @@ def test_applies_only_where_the_penalty_is_smooth_on_nonzero_blocks():
     ce = _problem(CrossEntropyLoss(), 3, True, 0.1)
     nuc3 = Problem(ce.op, ce.Y, ce.loss, GroupNuclear(), ce.lam, True)
     assert not applies(nuc3)
+
+
+def _cg_iterations(local, precond, tol: float = 1e-8) -> int:
+    """Iterations conjugate gradients take to a relative residual of tol on H d = -g."""
+    from solver import newton
+
+    dw, db, k = newton._cg(local.hess, local.gw, local.gb, 500, precond, rtol=tol)
+    hw, hb = local.hess(dw, db)
+    res = torch.cat([(hw + local.gw).reshape(-1), hb + local.gb])
+    g = torch.cat([local.gw.reshape(-1), local.gb])
+    assert float(res.norm() / g.norm()) < 10 * tol
+    return k
+
+
+def _active_point(prob, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    c = prob.Y.shape[1]
+    w = torch.randn(prob.op.n_gates, prob.op.X.shape[1], c, generator=g, dtype=torch.float64)
+    b = torch.zeros(c, dtype=torch.float64) if not prob.fit_bias else 0.1 * torch.ones(c)
+    # Blocks of very different sizes, as at a solution: the penalty's curvature lam/||W_i||
+    # then spans orders of magnitude.
+    scales = torch.logspace(-3, 0, prob.op.n_gates, dtype=torch.float64)
+    return _Local(prob, w * scales.view(-1, 1, 1), b.to(torch.float64))
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_row_preconditioner_makes_the_squared_loss_newton_system_a_two_step_solve(c):
+    prob = _problem(SquaredLoss(), c, False, 0.05, n=60, d=6)
+    local = _active_point(prob)
+    plain = _cg_iterations(local, None)
+    pre = _cg_iterations(local, local.preconditioner())
+    assert pre <= 3 < 10 <= plain
+
+
+def test_row_preconditioner_on_a_row_subsample_and_on_cross_entropy_still_helps(monkeypatch):
+    from solver import newton
+
+    prob = _problem(CrossEntropyLoss(), 3, True, 0.05, n=60, d=6)
+    local = _active_point(prob)
+    plain = _cg_iterations(local, None)
+    assert _cg_iterations(local, local.preconditioner()) < plain / 2
+    sq = _problem(SquaredLoss(), 1, False, 0.05, n=60, d=6)
+    local = _active_point(sq)
+    monkeypatch.setattr(newton, "MAX_CAPACITANCE", 30)  # half the rows
+    pre = local.preconditioner()
+    assert pre.m == 30
+    assert _cg_iterations(local, pre) < _cg_iterations(local, None) / 2
+
+
+def test_polish_with_tol_stops_at_a_certificate_it_reports():
+    prob = _problem(SquaredLoss(), 1, False, 0.02)
+    W0 = torch.zeros(prob.op.n_gates, 5, 1, dtype=torch.float64)
+    near = fista(prob, W0, prob.zero_bias(), tol=1e-3, max_iter=20000)
+    pol = newton_polish(prob, near.W, near.b, budget=2000, tol=1e-7)
+    assert pol.cert is not None
+    fresh = certificate(prob, pol.W, pol.b, prob.forward(pol.W))
+    assert pol.cert.gap == pytest.approx(fresh.gap, rel=1e-6, abs=1e-14)
+    if fresh.gap > 1e-7:  # stopped for a gate outside the set: one must violate
+        outside = fresh.dual_norms > prob.lam
+        outside[torch.linalg.vector_norm(pol.W, dim=(1, 2)) > 0] = False
+        assert bool(outside.any())
+
+
+def test_float64_input_is_certified_in_float64():
+    from solver import ConvexMLPRegressor
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((200, 8))
+    y = np.maximum(X @ rng.standard_normal(8), 0) + 0.1 * rng.standard_normal(200)
+    est = ConvexMLPRegressor(gates=32, lam=1e-3, penalty="frobenius", random_state=0)
+    est.fit(torch.as_tensor(X), y)
+    assert est.converged_ and est.duality_gap_ <= 1e-6
+    assert est.weights_.dtype == torch.float64
