@@ -17,6 +17,22 @@ from starlette.concurrency import run_in_threadpool
 
 from cvxtune.settings import Settings
 
+# Images per forward when the settings leave it open (bench/README.md, "Serving").
+DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 64}
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_runners(device: str) -> int:
+    """One single-threaded forward per core on a CPU; one forward on a GPU."""
+    from workers.serving import usable_cpus
+
+    return usable_cpus() if device.startswith("cpu") else 1
+
 
 class Serving:
     def __init__(self, settings: Settings):
@@ -29,13 +45,16 @@ class Serving:
             from workers.serving import Server
 
             s = self.settings
+            device = s.serving_device or default_device()
             self._server = Server(
                 weights_dir=s.weights_dir,
                 allow_random=s.allow_random_weights,
                 max_heads=s.serving_max_heads,
                 max_backbones=s.serving_max_backbones,
-                max_batch=s.serving_max_batch,
+                max_batch=s.serving_max_batch or DEFAULT_MAX_BATCH.get(device.split(":")[0], 32),
                 max_wait_ms=s.serving_max_wait_ms,
+                device=device,
+                runners=s.serving_runners or default_runners(device),
             )
         return self._server
 

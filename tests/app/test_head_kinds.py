@@ -393,3 +393,53 @@ def test_one_batcher_serves_every_output_of_its_backbone():
     assert sorted(calls[1:]) == [("feature_map", [1, 2, 4]), ("pooled", [3])]
     assert [g.shape for g in got] == [(1, 4), (2, 2, 3, 3), (1, 4), (1, 2, 3, 3)]
     assert [g.reshape(len(g), -1)[:, 0].tolist() for g in got] == [[0], [1, 2], [3], [4]]
+
+
+def test_serving_batch_size_and_device_follow_the_settings(tmp_path):
+    """Unset, the batch size is the device's default (small on a CPU, where batching does not
+    raise a forward's throughput); set, it is used as given."""
+    import torch
+
+    from app.serving import DEFAULT_MAX_BATCH, Serving
+    from workers.serving import usable_cpus
+
+    auto = Serving(Settings(data_dir=tmp_path)).server
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (auto.device, auto.max_batch) == (device, DEFAULT_MAX_BATCH[device])
+    assert auto.runners == (usable_cpus() if device == "cpu" else 1)
+    assert DEFAULT_MAX_BATCH["cpu"] < DEFAULT_MAX_BATCH["cuda"]
+    settings = Settings(
+        data_dir=tmp_path, serving_max_batch=7, serving_device="cpu", serving_runners=3
+    )
+    given = Serving(settings).server
+    assert (given.device, given.max_batch, given.runners) == ("cpu", 7, 3)
+
+
+def test_batcher_runners_run_batches_side_by_side_and_stop_on_close():
+    """Two runners: a second batch starts while the first is still in its forward, each
+    request gets its own rows, and close() ends every runner thread."""
+    import threading
+
+    from workers.serving import LRU, Batcher
+
+    inside, release = threading.Barrier(2, timeout=5), threading.Event()
+
+    def embed(backbone, images, output):
+        inside.wait()  # both runners must be in a forward at once to pass
+        release.wait(5)
+        return np.array([[float(i)] for i in images])
+
+    b = Batcher(None, embed, max_batch=1, max_wait_s=0.0, runners=2)
+    first, second = b.submit([1]), b.submit([2])
+    release.set()
+    assert first.result(timeout=10).tolist() == [[1.0]]
+    assert second.result(timeout=10).tolist() == [[2.0]]
+    assert b.batches == 2
+    # Evicted from the cache, the batcher is closed: its threads end.
+    cache: LRU[str, Batcher] = LRU(1, on_evict=Batcher.close)
+    cache.get_or_load("a", lambda: b)
+    other = cache.get_or_load("b", lambda: Batcher(None, embed, 1, 0.0))
+    other.close()
+    for t in b.threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in b.threads)
