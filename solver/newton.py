@@ -150,6 +150,7 @@ def newton_polish(
     *,
     budget: int,
     tol: float | None = None,
+    low=None,
     max_steps: int = 20,
     cg_iters: int = 100,
 ) -> PolishResult:
@@ -159,11 +160,12 @@ def newton_polish(
     adjoint product over all gates), and the polish stops as soon as the gap is below tol or
     a gate outside the active set violates its dual constraint: converging further on a set
     that lacks a gate the program wants would be wasted, and the caller's first-order round
-    is what adds it.
+    is what adds it. ``low``: the same program in float32, for the Hessian and preconditioner
+    products (None: the program's own dtype).
     """
     used, steps, dropped = 0, 0, 0
     cert = None
-    low = problem.to(torch.float32) if problem.Y.dtype == torch.float64 else problem
+    low = problem if low is None else low
     pc, pc_set = None, None
     while steps < max_steps and used < budget:
         S = torch.nonzero(torch.linalg.vector_norm(W, dim=(1, 2)) > 0).squeeze(1)

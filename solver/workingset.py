@@ -93,31 +93,35 @@ def solve(
     total = 0
     cert = None
     converged = False
+    low_problem = None  # the first phase's program, reused for float32 work in the second
     for dtype, phase_tol in phases:
         prob = problem if dtype == problem.Y.dtype else problem.to(dtype)
         W, b = W.to(dtype), b.to(dtype)
         W, b, cert, used, converged, L = _solve_phase(
-            prob, W, b, phase_tol, max_iter - total, working_set, L, callback, total
+            prob, W, b, phase_tol, max_iter - total, working_set, L, callback, total, low_problem
         )
         total += used
+        low_problem = prob
     assert cert is not None
     return SolveResult(W, b, cert, total, converged, L)
 
 
-def _polish(problem, W, b, cert, tol, budget, callback, at):
+def _polish(problem, W, b, cert, tol, budget, callback, at, fast):
     # Blocks whose dual-constraint norm is well below lam are zero at the optimum unless the
     # point is far off: start Newton without them (measured on Fashion T-shirt vs shirt at a gap
     # of 0.09: every block under 0.94 lam ended at zero). A wrong guess costs one first-order
     # round, which finds the block violating and brings it back.
     W = torch.where((cert.dual_norms < PRUNE * problem.lam).view(-1, 1, 1), 0.0, W)
-    pol = newton_polish(problem, W, b, budget=budget, tol=tol)
+    pol = newton_polish(problem, W, b, budget=budget, tol=tol, low=fast)
     cert = pol.cert or certificate(problem, pol.W, pol.b, problem.forward(pol.W))
     if callback is not None:
         callback(at + pol.products, cert)
     return pol.W, cert.b, cert, pol.products
 
 
-def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset):
+def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset, low=None):
+    """One precision phase. ``low``: the same program in float32 (the previous phase's), for
+    the Newton products and the first-order rounds between polishes; None: this dtype."""
     p = problem.op.n_gates
     cert = certificate(problem, W, b, problem.op.matvec(W))
     b = cert.b
@@ -128,14 +132,13 @@ def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset):
     polish = applies(problem) and problem.Y.dtype == torch.float64
     ws: torch.Tensor | None = None
     used, rounds, stuck, grow = 0, 0, False, 0
-    fast = None
+    fast = low if polish and low is not None and low.Y.dtype == torch.float32 else None
     if polish and bool(W.any()):
         # A point from the low-precision phase already has its support: polish it first.
-        W, b, cert, used = _polish(problem, W, b, cert, tol, budget, callback, offset)
+        W, b, cert, used = _polish(problem, W, b, cert, tol, budget, callback, offset, fast)
         if cert.gap <= tol:
             return W, b, cert, used, True, L
         rounds = 1
-        fast = problem.to(torch.float32)
     while True:
         if not working_set or stuck:
             ws = torch.arange(p, device=W.device)
@@ -182,7 +185,7 @@ def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset):
             # still wants come back in the next round, and starting that round from the
             # polished point was measured to need fewer iterations than starting from before.
             W, b, cert, products = _polish(
-                problem, W, b, cert, tol, budget - used, callback, offset + used
+                problem, W, b, cert, tol, budget - used, callback, offset + used, fast
             )
             used += products
             grow += cert.gap > 0.5 * before
