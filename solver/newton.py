@@ -133,7 +133,10 @@ class _Local:
         """M^-1 for conjugate gradients, or None when the operator offers no row model."""
         if not preconditioned(self.sub):
             return None
-        return _RowPreconditioner(self, self.fast.op)
+        try:
+            return _RowPreconditioner(self, self.fast.op)
+        except _NotPositiveDefinite:
+            return None
 
     def objective(self, w: torch.Tensor, b: torch.Tensor) -> tuple[float, torch.Tensor]:
         """phi at (w, b), and the forward value A_S w it was computed from."""
@@ -217,6 +220,10 @@ def newton_polish(
     return PolishResult(W, b, used, steps, dropped, cert)
 
 
+class _NotPositiveDefinite(Exception):
+    pass
+
+
 class _RowPreconditioner:
     """M^-1 for conjugate gradients on the active blocks, by the Woodbury identity.
 
@@ -275,15 +282,19 @@ class _RowPreconditioner:
             C = S
         C.addmm_(Pm * beta, Pm.T, alpha=-1.0)
         C.diagonal().add_(1.0)
-        self.L = torch.linalg.cholesky(C)
+        self.L, info = torch.linalg.cholesky_ex(C)
+        if int(info) != 0:  # C >= I in exact arithmetic; rounding broke it: no preconditioner
+            raise _NotPositiveDefinite
         self.K12 = Pm / eps  # (m c, s): B R~^-1 u_i
         self.CK12 = torch.cholesky_solve(self.K12, self.L)
         gram = self.K12.T @ self.CK12
         slack = 1.0 / KAPPA - 1.0
         while True:  # -(Schur complement); nearly singular: leave more of E in M
             self.Ls, info = torch.linalg.cholesky_ex(gram + torch.diag(slack / eps))
-            if int(info) == 0 or slack >= 1.0:
+            if int(info) == 0:
                 break
+            if slack >= 1.0:
+                raise _NotPositiveDefinite
             slack *= 10.0
         self.m, self.c, self.root_m = m, c, math.sqrt(m)
         self.bias = _BiasElimination(local, self._apply_w) if sub.fit_bias else None
