@@ -168,3 +168,18 @@ def test_float64_input_is_certified_in_float64():
     est.fit(torch.as_tensor(X), y)
     assert est.converged_ and est.duality_gap_ <= 1e-6
     assert est.weights_.dtype == torch.float64
+
+
+def test_a_preconditioner_that_cannot_be_factored_leaves_plain_cg(monkeypatch):
+    prob = _problem(SquaredLoss(), 1, False, 0.02)
+    local = _active_point(prob)
+    assert local.preconditioner() is not None
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(
+        torch.linalg, "cholesky_ex", lambda A: (real(A)[0], torch.tensor(1))
+    )  # every factorisation reports a non-positive pivot
+    assert local.preconditioner() is None
+    W0 = torch.zeros(prob.op.n_gates, 5, 1, dtype=torch.float64)
+    near = fista(prob, W0, prob.zero_bias(), tol=1e-4, max_iter=20000)
+    pol = newton_polish(prob, near.W, near.b, budget=5000, tol=1e-8)
+    assert certificate(prob, pol.W, pol.b, prob.forward(pol.W)).primal <= near.cert.primal
