@@ -68,7 +68,7 @@ def forward_limit(batch_sizes: tuple[int, ...] = (1, 4, 8, 32), seconds: float =
     import torch
 
     from workers.backbones import load_backbone
-    from workers.serving import usable_cpus
+    from workers.extract import usable_cpus
 
     bb = load_backbone(BACKBONE)
     cpus, threads0 = usable_cpus(), torch.get_num_threads()

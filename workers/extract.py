@@ -193,10 +193,16 @@ def _identity(item: Any) -> Any:
     return item
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), which a container may limit."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # not on Linux
+
+
 def default_num_workers() -> int:
     """One decoding process per two cores, so decoding overlaps the forward (bench/README.md)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cores or 1) // 2))
+    return max(1, min(8, usable_cpus() // 2))
 
 
 def _loader(batches: _Batches, num_workers: int, pin: bool) -> Iterable[Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import queue
 import threading
 from collections import OrderedDict
@@ -25,6 +24,7 @@ import numpy as np
 
 from cvxtune.contracts import HEAD_INPUT, HEAD_OUTPUT, head_kind_of_solver
 from cvxtune.errors import InvalidInput
+from workers.extract import usable_cpus
 
 log = logging.getLogger("cvxtune.serving")
 
@@ -70,14 +70,6 @@ class LRU(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity), which a container may limit."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def decode_image(data: bytes) -> Any:

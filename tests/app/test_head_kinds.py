@@ -401,7 +401,7 @@ def test_serving_batch_size_and_device_follow_the_settings(tmp_path):
     import torch
 
     from app.serving import DEFAULT_MAX_BATCH, Serving
-    from workers.serving import usable_cpus
+    from workers.extract import usable_cpus
 
     auto = Serving(Settings(data_dir=tmp_path)).server
     device = "cuda" if torch.cuda.is_available() else "cpu"
