@@ -43,7 +43,8 @@ class GatedOperator:
         self.X = X
         self.masks = masks
         self.max_elems = max_elems
-        # What restricted copies of this operator can reuse (same X): the Gram eigenbasis.
+        # What restricted copies of this operator can reuse (same X): the sampled rows and
+        # their Gram X_J X_J^T, for the Newton preconditioner.
         self._shared = {} if _shared is None else _shared
         # Float copies of the masks make each product one fused multiply; keep them only while
         # they cost no more than ``max_float_mask_bytes`` (else convert chunk by chunk).

@@ -96,9 +96,9 @@ class Batcher:
     Requests name the backbone output they need (pooled vectors for mlp heads, feature maps
     or tokens for the others); a batch runs one forward per output it holds. With `runners`
     threads, that many batches run at once: on a CPU, two single-threaded forwards on two
-    cores beat one forward on two threads (measured with Lite0: 76-81 against 55-75 images/s,
-    bench/README.md), and they keep their pace while the HTTP threads take CPU time, where a
-    two-thread forward waits at every barrier for the thread that was preempted.
+    cores beat one forward on two threads (Lite0, batch 4: 110.6 against 71.5 images/s,
+    bench/README.md "Serving"), and they keep their pace while the HTTP threads take CPU time,
+    where a two-thread forward waits at every barrier for the thread that was preempted.
     """
 
     def __init__(
