@@ -55,7 +55,7 @@ KAPPA = 0.9999
 REUSE_RATIO = 10
 
 
-def _cheap_products(sub) -> bool:
+def _reuse_pays(sub) -> bool:
     """Whether building the preconditioner costs more than REUSE_RATIO operator products
     (flop counts: m^3 / 3 + 3 m^2 |S| c for the build, 4 n d |S| c for a product)."""
     if not preconditioned(sub):
@@ -179,7 +179,7 @@ def newton_polish(
         # Rebuilt at every step (exact, CG stops after one or two products) unless the set is
         # unchanged and building costs more than REUSE_RATIO products: then the previous
         # step's, slightly stale, costs a few more (cheap) products instead.
-        if pc_set is None or not torch.equal(pc_set, S) or not _cheap_products(m.sub):
+        if pc_set is None or not torch.equal(pc_set, S) or not _reuse_pays(m.sub):
             pc, pc_set = m.preconditioner(), S
         dw, db, k = _cg(m.hess, m.gw, m.gb, min(cg_iters, budget - used), pc)
         used += k
@@ -366,12 +366,18 @@ class _BiasElimination:
         return t - torch.einsum("ksdc,k->sdc", self.Z, xb), xb
 
 
+def _identity(vw: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return vw, vb
+
+
 def _cg(hess, gw: torch.Tensor, gb: torch.Tensor, max_iter: int, precond=None, rtol=None):
     """Preconditioned conjugate gradients on H d = -g, truncated at a relative residual of
     min(0.1, sqrt|g|) (the residual measured in the plain norm)."""
+    if precond is None:
+        precond = _identity
     xw, xb = torch.zeros_like(gw), torch.zeros_like(gb)
     rw, rb = -gw, -gb
-    zw, zb = precond(rw, rb) if precond is not None else (rw, rb)
+    zw, zb = precond(rw, rb)
     pw, pb = zw.clone(), zb.clone()
     rr = _inner(rw, rw) + _inner(rb, rb)
     rz = _inner(rw, zw) + _inner(rb, zb)
@@ -389,7 +395,7 @@ def _cg(hess, gw: torch.Tensor, gb: torch.Tensor, max_iter: int, precond=None, r
         xw, xb = xw + alpha * pw, xb + alpha * pb
         rw, rb = rw - alpha * hw, rb - alpha * hb
         rr = _inner(rw, rw) + _inner(rb, rb)
-        zw, zb = precond(rw, rb) if precond is not None else (rw, rb)
+        zw, zb = precond(rw, rb)
         rz_new = _inner(rw, zw) + _inner(rb, zb)
         pw, pb = zw + (rz_new / rz) * pw, zb + (rz_new / rz) * pb
         rz = rz_new

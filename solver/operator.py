@@ -122,7 +122,9 @@ class GatedOperator:
         if rows.numel() == n:
             return self
         shared = self._shared.setdefault(("sub", rows.numel()), {})
-        return GatedOperator(self.X[rows], self.masks[rows], self.max_elems, _shared=shared)
+        if "X" not in shared:  # the rows' features do not depend on the gates: copied once
+            shared["X"] = self.X[rows]
+        return GatedOperator(shared["X"], self.masks[rows], self.max_elems, _shared=shared)
 
     def row_gram(self) -> torch.Tensor:
         """X X^T (n x n), computed once per X."""

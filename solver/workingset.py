@@ -145,7 +145,10 @@ def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset, l
         else:
             ws = _select(cert, W, ws, problem.lam)
         full = ws.numel() == p
-        sub = problem if full else problem.restrict(ws)
+        # Between polishes a round only brings gates in; float32 (``fast``) does that at half
+        # the cost, and the certificate after it is computed in float64.
+        program = problem if fast is None else fast
+        sub = program if full else program.restrict(ws)
         base = offset + used
         cb = None if callback is None else (lambda k, c, base=base: callback(base + k, c))
         # A round gets a bounded number of iterations, so a working set that is too small is
@@ -159,23 +162,18 @@ def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset, l
         else:
             cap = min(budget - used, ROUND_ITERS << rounds)
         before = cert.gap
-        if fast is not None:
-            # Between polishes a round only brings gates in; float32 does that at half the
-            # cost, and the certificate after it is computed in float64.
-            sub_fast = fast if full else fast.restrict(ws)
-            res = fista(
-                sub_fast, W[ws].float(), b.float(), tol=0.0, max_iter=cap, L=L, callback=None
-            )
-            W = torch.zeros_like(W)
-            W[ws] = res.W.to(W.dtype)
-            cert = certificate(problem, W, res.b.to(W.dtype), problem.forward(W))
-        else:
+        if fast is None:
             res = fista(
                 sub, W[ws], b, tol=tol if full else 0.5 * tol, max_iter=cap, L=L, callback=cb
             )
-            W = torch.zeros_like(W)
-            W[ws] = res.W
+        else:
+            res = fista(sub, W[ws].float(), b.float(), tol=0.0, max_iter=cap, L=L, callback=None)
+        W = torch.zeros_like(W)
+        W[ws] = res.W.to(W.dtype)
+        if fast is None:
             cert = res.cert if full else certificate(problem, W, res.b, res.AW)
+        else:
+            cert = certificate(problem, W, res.b.to(W.dtype), problem.forward(W))
         used += res.n_iter
         rounds += 1
         L = res.L
