@@ -50,7 +50,12 @@ def test_serve_runs_a_job_without_redis(tmp_path, poll):
             "lam": 0.01,
             "head": {"gates": 8, "tol": 1e-4, "max_iter": 200},
         }
-        job = httpx.post(f"{url}/v1/finetunes", headers=h, json=body).json()
+        created = httpx.post(f"{url}/v1/finetunes", headers=h, json=body)
+        assert created.status_code == 202, (
+            created.text,
+            (tmp_path / "serve.log").read_text()[-3000:],
+        )
+        job = created.json()
         done = poll(
             lambda: (
                 (j := httpx.get(f"{url}/v1/finetunes/{job['id']}", headers=h).json())["state"]
