@@ -15,6 +15,7 @@ from prometheus_client import Counter, Histogram
 from app import problems
 from app.deps import Context
 from app.migrate import upgrade
+from app.recovery import Recovery
 from app.routes import backbones, datasets, finetunes, heads, health, predictions
 from app.serving import Serving
 from cvxtune import __version__
@@ -53,10 +54,14 @@ def create_app(
         serving=Serving(settings),
     )
 
+    recovery = Recovery(settings, ctx.sessions, queue)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx.serving.preload()
+        recovery.start()
         yield
+        recovery.stop()
         close = getattr(queue, "close", None)
         if close:
             close()

@@ -22,9 +22,11 @@ class TaskQueue:
             name, args=(job_id,), immutable=True, task_id=contracts.task_id(job_id, name)
         )
 
-    def send_finetune(self, job_id: str) -> None:
+    def send_finetune(self, job_id: str, start: str = contracts.TASK_VALIDATE) -> None:
+        """Queue the job's chain, from the task `start` on (recovery resumes mid-chain)."""
+        names = contracts.FINETUNE_CHAIN[contracts.FINETUNE_CHAIN.index(start) :]
         try:
-            chain(*(self._sig(n, job_id) for n in contracts.FINETUNE_CHAIN)).apply_async(
+            chain(*(self._sig(n, job_id) for n in names)).apply_async(
                 retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2}
             )
         except Exception as e:  # kombu raises a zoo of connection errors

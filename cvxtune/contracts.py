@@ -51,6 +51,15 @@ class Stage(StrEnum):
 
 
 # Share of the overall progress each stage covers (extraction dominates image datasets).
+# The task that runs each stage: where a job queued again mid-chain resumes.
+STAGE_TASK: dict[Stage, str] = {
+    Stage.validate: TASK_VALIDATE,
+    Stage.extract: TASK_EXTRACT,
+    Stage.fit: TASK_FIT,
+    Stage.evaluate: TASK_EVALUATE,
+    Stage.register: TASK_REGISTER,
+}
+
 STAGE_SPAN: dict[Stage, tuple[float, float]] = {
     Stage.validate: (0.0, 0.02),
     Stage.extract: (0.02, 0.60),

@@ -124,6 +124,9 @@ class Finetune(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set while a worker runs a stage and refreshed by it; cleared between stages. A running
+    # job whose heartbeat stops is queued again by app.recovery (its worker died).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Head(Base):
@@ -156,6 +159,7 @@ class Prediction(Base):
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     task_time_limit_s: int = 3 * 3600
     visibility_timeout_s: int = 4 * 3600
     max_deliveries: int = 8
+    # A worker running a job refreshes its heartbeat every job_heartbeat_s. A running job whose
+    # heartbeat is older than job_stale_s lost its worker (killed whole: OOM, node lost), and
+    # the API queues its stage again, every reap_interval_s (0: never) - instead of waiting for
+    # the visibility timeout (Redis) or forever (the embedded broker never redelivers).
+    job_heartbeat_s: float = 10.0
+    job_stale_s: float = 120.0
+    reap_interval_s: float = 30.0
     worker_concurrency: int = 1
 
     # Online serving: how many heads and backbones stay loaded, and the micro-batching window.

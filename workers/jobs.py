@@ -12,8 +12,10 @@ import json
 import logging
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -42,10 +44,16 @@ from cvxtune.settings import Settings, get_settings
 log = logging.getLogger("cvxtune.jobs")
 
 PROGRESS_EVERY_S = 0.5
+STAGE_ORDER = {stage: i for i, stage in enumerate(Stage)}
 
 
 class JobCancelled(Exception):
     """The job was cancelled (or already finished) while this stage ran."""
+
+
+class NothingToDo(Exception):
+    """A delivered stage has no work: the job is finished, cancelled or already past it (a
+    stale re-delivery after the job was queued again), so the rest of the chain is dropped."""
 
 
 @dataclass
@@ -119,16 +127,19 @@ class Reporter:
             raise JobCancelled(self.job_id)
 
 
-def begin_stage(env: Env, job_id: str, stage: Stage) -> tuple[Finetune, Dataset | None] | None:
-    """Mark the job running in `stage` and count the delivery; None when there is nothing to do.
+def begin_stage(env: Env, job_id: str, stage: Stage) -> tuple[Finetune, Dataset | None]:
+    """Mark the job running in `stage`, take its heartbeat and count the delivery.
 
-    A job is failed once one stage has been delivered more than `max_deliveries` times (a worker
-    that keeps dying on it must not loop forever).
+    Raises NothingToDo when the job is gone, finished, cancelled or already in a later stage.
+    A job is failed once one stage has been delivered more than `max_deliveries` times (a
+    worker that keeps dying on it must not loop forever).
     """
     with session_scope(env.db) as s:
         job = s.get(Finetune, job_id, with_for_update=True)
         if job is None or job.state in TERMINAL_STATES or job.cancel_requested:
-            return None
+            raise NothingToDo(f"job {job_id} is {'gone' if job is None else job.state}")
+        if job.state == JobState.running and STAGE_ORDER[Stage(job.stage)] > STAGE_ORDER[stage]:
+            raise NothingToDo(f"job {job_id} is already in stage {job.stage}")
         attempts = job.attempts + 1 if job.stage == stage else 1
         if attempts > env.settings.max_deliveries:
             job.state, job.error_code, job.finished_at = (
@@ -141,17 +152,62 @@ def begin_stage(env: Env, job_id: str, stage: Stage) -> tuple[Finetune, Dataset 
                 "finishing (the worker may be running out of memory)"
             )
             job.eta_seconds = None
-            return None
+            s.commit()
+            raise NothingToDo(f"job {job_id} failed: stage {stage} delivered too often")
         job.attempts, job.stage, job.state = attempts, stage, JobState.running
         deliveries = dict((job.outputs or {}).get("deliveries", {}))
         deliveries[str(stage)] = attempts
         job.outputs = {**(job.outputs or {}), "deliveries": deliveries}
         job.started_at = job.started_at or utcnow()
-        job.updated_at = utcnow()
+        job.updated_at = job.heartbeat_at = utcnow()
         ds = s.get(Dataset, job.dataset_id)
         s.flush()
         s.expunge_all()
         return job, ds
+
+
+@contextmanager
+def heartbeat(env: Env, table: type[Finetune] | type[Prediction], job_id: str) -> Iterator[None]:
+    """Refresh the job's heartbeat every `job_heartbeat_s` while the block runs (a thread), so
+    app.recovery tells a live stage from one whose worker died. Only a heartbeat the stage holds
+    is refreshed: begin_stage sets it, finish_stage clears it, so a beat landing after the stage
+    finished does not make the job look alive while its next stage waits in the queue."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(env.settings.job_heartbeat_s):
+            try:
+                with session_scope(env.db) as s:
+                    s.execute(
+                        update(table)
+                        .where(
+                            table.id == job_id,
+                            table.state == JobState.running,
+                            table.heartbeat_at.is_not(None),
+                        )
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception as e:  # the database blinked; the next beat tries again
+                log.warning("job %s: heartbeat not written (%s)", job_id, e)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def drop_heartbeat(env: Env, table: type[Finetune] | type[Prediction], job_id: str) -> None:
+    """The job waits in the queue (a retry after a transient fault): nothing runs it now, and
+    recovery must not take the wait for a dead worker. Best effort: the database may be the
+    fault being retried."""
+    try:
+        with session_scope(env.db) as s:
+            s.execute(update(table).where(table.id == job_id).values(heartbeat_at=None))
+    except Exception as e:
+        log.warning("job %s: heartbeat not cleared before a retry (%s)", job_id, e)
 
 
 def finish_stage(env: Env, job_id: str, stage: Stage, kind: str, **outputs: Any) -> None:
@@ -163,6 +219,7 @@ def finish_stage(env: Env, job_id: str, stage: Stage, kind: str, **outputs: Any)
         job.outputs = {**(job.outputs or {}), **outputs}
         job.progress = max(job.progress, lo_hi[1])
         job.updated_at = utcnow()
+        job.heartbeat_at = None  # the next stage waits in the queue; nothing runs it yet
 
 
 def fail_job(env: Env, job_id: str, code: str, message: str) -> None:
@@ -190,10 +247,7 @@ def _started_epoch(job: Finetune) -> float:
 
 def validate(job_id: str, env: Env | None = None) -> None:
     env = env or default_env()
-    got = begin_stage(env, job_id, Stage.validate)
-    if got is None:
-        return
-    job, ds = got
+    job, ds = begin_stage(env, job_id, Stage.validate)
     if ds is None:
         raise DatasetError(f"dataset {job.dataset_id} no longer exists")
     head = head_spec(job.head)
@@ -285,10 +339,7 @@ def load_embeddings(env: Env, key: str) -> features.Features:
 
 def extract(job_id: str, env: Env | None = None) -> None:
     env = env or default_env()
-    got = begin_stage(env, job_id, Stage.extract)
-    if got is None:
-        return
-    job, ds = got
+    job, ds = begin_stage(env, job_id, Stage.extract)
     assert ds is not None
     if "embeddings" in (job.outputs or {}) and env.store.exists(job.outputs["embeddings"]["key"]):
         finish_stage(env, job_id, Stage.extract, ds.kind)
@@ -344,10 +395,7 @@ def load_head(path: Path) -> Any:
 
 def fit(job_id: str, env: Env | None = None) -> None:
     env = env or default_env()
-    got = begin_stage(env, job_id, Stage.fit)
-    if got is None:
-        return
-    job, ds = got
+    job, ds = begin_stage(env, job_id, Stage.fit)
     kind = ds.kind if ds else DatasetKind.features
     head_key = f"heads/{head_id_for(job_id)}"
     if "fit" in (job.outputs or {}) and env.store.exists(head_key):
@@ -442,10 +490,7 @@ def classification_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) 
 
 def evaluate(job_id: str, env: Env | None = None) -> None:
     env = env or default_env()
-    got = begin_stage(env, job_id, Stage.evaluate)
-    if got is None:
-        return
-    job, ds = got
+    job, ds = begin_stage(env, job_id, Stage.evaluate)
     kind = ds.kind if ds else DatasetKind.features
     data = _load_xy(env, job)
     train, val = split(data.y, job.validation_fraction, job.seed)
@@ -466,10 +511,7 @@ def evaluate(job_id: str, env: Env | None = None) -> None:
 
 def register(job_id: str, env: Env | None = None) -> None:
     env = env or default_env()
-    got = begin_stage(env, job_id, Stage.register)
-    if got is None:
-        return
-    job, ds = got
+    job, ds = begin_stage(env, job_id, Stage.register)
     hid = head_id_for(job_id)
     out = job.outputs
     fit_ = out["fit"]
@@ -588,7 +630,7 @@ def predict_batch(prediction_id: str, env: Env | None = None) -> None:
             )
             pred.error_message = "the prediction was started too many times without finishing"
             return
-        pred.state = JobState.running
+        pred.state, pred.heartbeat_at = JobState.running, utcnow()
         head = s.scalar(select(Head).where(Head.id == pred.head_id))
         ds = s.get(Dataset, pred.dataset_id)
         s.flush()

@@ -4,7 +4,11 @@ Failure policy, in one place: bad input (InvalidInput, DatasetError, WeightsUnav
 the job once with its code and message; transient faults (database or store unreachable) retry
 with exponential backoff up to MAX_RETRIES; anything unexpected fails the job with a generic
 message (the traceback goes to the log). A worker killed mid-task (OOM, SIGKILL) leaves the
-message unacknowledged, so it is delivered again; jobs.begin_stage bounds how often.
+message unacknowledged, so it is delivered again; jobs.begin_stage bounds how often. A task
+refreshes its job's heartbeat while it runs: when the whole worker dies, nothing acknowledges or
+rejects the message, and the API's recovery loop (app/recovery.py) queues the stage again once
+the heartbeat is stale. A delivery with nothing to do (job finished, cancelled or already
+further on) drops the rest of its chain.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from cvxtune import contracts
+from cvxtune.db import Finetune, Prediction
 from cvxtune.errors import CvxtuneError, TransientError
 from workers import jobs
 from workers.celery_app import app
@@ -27,10 +32,20 @@ MAX_RETRIES = 5
 TRANSIENT = (TransientError, OperationalError, ConnectionError, TimeoutError)
 
 
-def _run(task: Task, fn: Callable[..., None], job_id: str, fail: Callable[..., None]) -> None:
+def _run(
+    task: Task,
+    fn: Callable[..., None],
+    job_id: str,
+    fail: Callable[..., None],
+    table: type[Finetune] | type[Prediction],
+) -> None:
     env = jobs.default_env()
     try:
-        fn(job_id, env)
+        with jobs.heartbeat(env, table, job_id):
+            fn(job_id, env)
+    except jobs.NothingToDo as e:
+        log.info("job %s: nothing to do in %s: %s", job_id, task.name, e)
+        task.request.chain = None
     except jobs.JobCancelled:
         log.info("job %s: cancelled during %s", job_id, task.name)
         task.request.chain = None
@@ -42,6 +57,7 @@ def _run(task: Task, fn: Callable[..., None], job_id: str, fail: Callable[..., N
             task.request.chain = None
             return
         countdown = min(2**task.request.retries, 60)
+        jobs.drop_heartbeat(env, table, job_id)
         log.warning(
             "job %s: transient fault in %s (%s); retry in %ss", job_id, task.name, e, countdown
         )
@@ -63,7 +79,7 @@ def _run(task: Task, fn: Callable[..., None], job_id: str, fail: Callable[..., N
 
 def _stage(name: str, fn: Callable[..., None]) -> Task:
     def run(self: Task, job_id: str) -> None:
-        _run(self, fn, job_id, jobs.fail_job)
+        _run(self, fn, job_id, jobs.fail_job, Finetune)
 
     run.__name__ = run.__qualname__ = name.rsplit(".", 1)[-1]
     return app.task(name=name, bind=True, acks_late=True)(run)  # type: ignore[no-any-return]
@@ -78,4 +94,4 @@ register = _stage(contracts.TASK_REGISTER, jobs.register)
 
 @app.task(name=contracts.TASK_PREDICT_BATCH, bind=True, acks_late=True)
 def predict_batch(self: Task, prediction_id: str) -> None:
-    _run(self, jobs.predict_batch, prediction_id, jobs.fail_prediction)
+    _run(self, jobs.predict_batch, prediction_id, jobs.fail_prediction, Prediction)

@@ -154,6 +154,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         "CVXTUNE_QUEUE": f"cvxtune-it-{tag}",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
+        # Job recovery on a test's time scale: a stage silent for 5 s lost its worker.
+        "CVXTUNE_JOB_HEARTBEAT_S": "0.5",
+        "CVXTUNE_JOB_STALE_S": "5",
+        "CVXTUNE_REAP_INTERVAL_S": "1",
     }
     admin = _pg_admin()
     dbname = f"cvxtune_it_{tag}"

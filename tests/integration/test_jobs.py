@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
 import pytest
 from seed_rows import add_finetune
 
 from app.migrate import upgrade
-from cvxtune.db import Finetune, session_scope
+from app.recovery import requeue_stale
+from cvxtune import contracts
+from cvxtune.db import Finetune, Prediction, session_scope, sessionmaker_for, utcnow
 from cvxtune.errors import DatasetError
 from cvxtune.settings import Settings
 from workers import jobs
@@ -31,8 +36,9 @@ def _get(env, job_id):
 def test_redelivery_is_bounded(env):
     job_id = _job(env)
     for _ in range(3):
-        assert jobs.begin_stage(env, job_id, jobs.Stage.fit) is not None
-    assert jobs.begin_stage(env, job_id, jobs.Stage.fit) is None
+        jobs.begin_stage(env, job_id, jobs.Stage.fit)
+    with pytest.raises(jobs.NothingToDo, match="delivered too often"):
+        jobs.begin_stage(env, job_id, jobs.Stage.fit)
     job = _get(env, job_id)
     assert job.state == "failed" and job.error_code == "too_many_attempts"
     assert job.outputs["deliveries"] == {"fit": 3}
@@ -55,7 +61,8 @@ def test_reporter_stops_a_cancelled_job(env):
     with pytest.raises(jobs.JobCancelled):
         report(0.6, force=True)
     # A cancelled job's later stages do nothing.
-    assert jobs.begin_stage(env, job_id, jobs.Stage.evaluate) is None
+    with pytest.raises(jobs.NothingToDo):
+        jobs.begin_stage(env, job_id, jobs.Stage.evaluate)
 
 
 def test_failure_keeps_the_first_terminal_state(env):
@@ -88,3 +95,100 @@ def test_metrics_match_a_hand_count():
     assert m["confusion_matrix"] == [[1, 1], [1, 2]]
     assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
     assert m["per_class"]["a"]["recall"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- a worker that died whole
+
+
+class _Sent:
+    """Where recovery's sends land: the broker is not what these tests are about."""
+
+    def __init__(self) -> None:
+        self.finetunes: list[tuple[str, str]] = []
+        self.predictions: list[str] = []
+
+    def send_finetune(self, job_id: str, start: str) -> None:
+        self.finetunes.append((job_id, start))
+
+    def send_batch_prediction(self, prediction_id: str) -> None:
+        self.predictions.append(prediction_id)
+
+
+def _silence(env, job_id, seconds):
+    """Backdate the job's heartbeat, as if its worker had died `seconds` ago."""
+    with session_scope(env.db) as s:
+        job = s.get(Finetune, job_id)
+        job.heartbeat_at = job.heartbeat_at - timedelta(seconds=seconds)
+
+
+def test_a_stale_delivery_of_an_earlier_stage_does_nothing(env):
+    job_id = _job(env)
+    jobs.begin_stage(env, job_id, jobs.Stage.fit)
+    jobs.finish_stage(env, job_id, jobs.Stage.fit, "features")
+    jobs.begin_stage(env, job_id, jobs.Stage.evaluate)
+    with pytest.raises(jobs.NothingToDo, match="already in stage evaluate"):
+        jobs.begin_stage(env, job_id, jobs.Stage.fit)
+    job = _get(env, job_id)
+    assert job.stage == "evaluate" and job.outputs["deliveries"] == {"fit": 1, "evaluate": 1}
+
+
+def test_the_heartbeat_is_refreshed_only_while_the_stage_holds_it(env):
+    env.settings.job_heartbeat_s = 0.05
+    job_id = _job(env)
+    with jobs.heartbeat(env, Finetune, job_id):
+        time.sleep(0.2)
+        assert _get(env, job_id).heartbeat_at is None  # queued: no stage holds it yet
+        jobs.begin_stage(env, job_id, jobs.Stage.fit)
+        first = _get(env, job_id).heartbeat_at
+        time.sleep(0.3)
+        assert _get(env, job_id).heartbeat_at > first
+        jobs.finish_stage(env, job_id, jobs.Stage.fit, "features")
+        time.sleep(0.3)  # beats after the stage finished must not revive it
+        assert _get(env, job_id).heartbeat_at is None
+
+
+def test_recovery_queues_again_a_stage_whose_heartbeat_stopped(env):
+    env.settings.job_stale_s = 60
+    sent = _Sent()
+    job_id = _job(env)
+    sessions = sessionmaker_for(env.db)
+    jobs.begin_stage(env, job_id, jobs.Stage.fit)
+    _silence(env, job_id, 30)
+    assert requeue_stale(env.settings, sessions, sent) == []  # silent, but not for long enough
+    _silence(env, job_id, 60)
+    assert requeue_stale(env.settings, sessions, sent) == [job_id]
+    assert sent.finetunes == [(job_id, contracts.TASK_FIT)]
+    assert _get(env, job_id).heartbeat_at is None
+    assert requeue_stale(env.settings, sessions, sent) == []  # claimed once, sent once
+    # The new delivery runs the stage again and counts it.
+    job, _ = jobs.begin_stage(env, job_id, jobs.Stage.fit)
+    assert job.outputs["deliveries"] == {"fit": 2} and job.heartbeat_at is not None
+
+
+def test_recovery_leaves_alone_a_job_waiting_between_stages(env):
+    env.settings.job_stale_s = 0
+    sent = _Sent()
+    job_id = _job(env)
+    jobs.begin_stage(env, job_id, jobs.Stage.fit)
+    jobs.finish_stage(env, job_id, jobs.Stage.fit, "features")  # evaluate waits in the queue
+    assert requeue_stale(env.settings, sessionmaker_for(env.db), sent) == []
+    assert sent.finetunes == []
+
+
+def test_recovery_queues_again_a_batch_prediction(env):
+    env.settings.job_stale_s = 60
+    sent = _Sent()
+    _job(env)
+    with session_scope(env.db) as s:
+        s.add(
+            Prediction(
+                id="pr_1",
+                project_id="prj_1",
+                head_id="hd_1",
+                dataset_id="ds_1",
+                state="running",
+                heartbeat_at=utcnow() - timedelta(seconds=61),
+            )
+        )
+    assert requeue_stale(env.settings, sessionmaker_for(env.db), sent) == ["pr_1"]
+    assert sent.predictions == ["pr_1"]

@@ -76,6 +76,29 @@ def test_job_survives_its_worker_process_being_killed(service, alpha, dataset, w
         assert c.get(f"/v1/heads/{done['head_id']}").status_code == 200
 
 
+def test_job_survives_its_whole_worker_being_killed(service, alpha, dataset, wait_job, poll):
+    # Killed whole (main process and pool), the worker neither acks nor rejects: Redis would
+    # deliver the message again only after the visibility timeout (hours). The API's recovery
+    # loop sees the heartbeat stop (5 s in these tests) and queues the stage again.
+    body = {
+        "dataset_id": dataset["id"],
+        "lam": 1e-3,
+        "seed": 6,
+        "head": {"gates": 32, "tol": 1e-15, "max_iter": 1000},
+    }
+    with service.client(alpha) as c:
+        job = c.post("/v1/finetunes", json=body).json()
+        poll(lambda: _in_fit(c, job["id"]), 120, "the job to start fitting")
+        assert service.worker is not None
+        os.killpg(service.worker.pid, signal.SIGKILL)  # a lost node, an OOM-killed main process
+        service.worker.wait()
+        service.start_worker()
+        done = wait_job(c, job["id"], timeout=300)
+        assert done["state"] == "succeeded", (done, service.log("worker.log"))
+        assert done["deliveries"]["fit"] >= 2
+    assert f"job {job['id']}: no heartbeat for" in service.log("api.log")
+
+
 def test_api_restart_keeps_everything(service, alpha):
     with service.client(alpha) as c:
         before = {
