@@ -39,9 +39,20 @@ from .penalties import GroupFrobenius, GroupNuclear
 from .problem import Certificate, certificate
 
 ARMIJO = 1e-4
-# Rows x outputs of the preconditioner's capacitance matrix (a Cholesky factor of this size
-# squared is built at every Newton step): all rows up to this many, a fixed random subset
-# beyond (a subsampled Hessian, still a good preconditioner but no longer exact).
+# Rows of the preconditioner's capacitance matrix (times outputs; a Cholesky factor of this
+# size squared is built at every Newton step): all rows while n c <= EXACT_ROWS, else a fixed
+# random subset of SUBSAMPLE_ROWS / c rows (a subsampled Hessian: no longer exact, but a much
+# cheaper build and solve). Measured on Lite0 Fashion features (d = 1280, 128 gates, one
+# output, lam = 0.01 lam_max; seconds to a certificate; bench/README.md "Preconditioner
+# size"): all rows win up to n = 2013 (n = 2000, two tasks: 4.2 and 3.3 s against 5.5 and 3.8
+# with 1500 rows; n = 2013: 5.0 against 7.6) and lose from n = 2500 (7.2 and 5.1 against 5.4
+# and 3.5; n = 3000: 11.8 and 6.7 against 6.9 and 4.8). At n = 10000, over three tasks,
+# subsamples of 3000 rows took 65.6 s in all, 2000 rows 51.9, 1500 rows 49.2, 1000 rows 56.5.
+EXACT_ROWS = 2250
+SUBSAMPLE_ROWS = 1500
+# Where fewer than a quarter of the rows fit in 3000 / c, CG stays plain: a smaller subsample,
+# e.g. 300 of 1797 rows for 10 outputs, was measured to leave CG at its iteration cap. With
+# several outputs the subsample keeps at least a quarter of the rows for the same reason.
 MAX_CAPACITANCE = 3000
 # The smallest relative residual asked of conjugate gradients: float32 products are accurate
 # to about this, and a Newton step this accurate still gains five digits.
@@ -63,14 +74,21 @@ def _reuse_pays(sub) -> bool:
     n, c = sub.Y.shape
     s = sub.op.n_gates
     d = sub.op.X.shape[1]
-    m = min(n, max(1, MAX_CAPACITANCE // c)) * c
+    m = capacitance_rows(n, c) * c
     return m**3 / 3 + 3 * m * m * s > REUSE_RATIO * 4 * n * d * s * c
+
+
+def capacitance_rows(n: int, c: int) -> int:
+    """Rows of the preconditioner's subsampled Hessian for n rows and c outputs."""
+    if n * c <= EXACT_ROWS:
+        return n
+    quarter = -(-n // 4) if c > 1 else 1
+    return min(n, max(1, SUBSAMPLE_ROWS // c, quarter))
 
 
 def preconditioned(problem) -> bool:
     """Whether conjugate gradients get the row-space preconditioner: a gated operator, and
-    at least a quarter of the rows fit in MAX_CAPACITANCE (a smaller subsample, e.g. 300 of
-    1797 rows for 10 outputs, was measured to leave CG at its iteration cap)."""
+    at least a quarter of the rows fit in MAX_CAPACITANCE / c."""
     n, c = problem.Y.shape
     return hasattr(problem.op, "take_rows") and 4 * (MAX_CAPACITANCE // c) >= n
 
@@ -241,9 +259,9 @@ class _RowPreconditioner:
     (|S| x |S|), both by Cholesky. An output bias is eliminated exactly (its c x c Schur
     complement, from c extra products). With all rows, M^-1 H = I up to about 1 - KAPPA
     (measured on digits: relative error 4e-4, against 2e-2 at KAPPA = 0.99, for an H of
-    condition number 4e4), so CG converges in one or two products. Beyond MAX_CAPACITANCE rows
-    x outputs, B uses a fixed random subset of m rows (divided by sqrt(m)), a subsampled
-    Hessian. Building costs O(m^2 (|S| c + m c^3)); each application one product with A and one
+    condition number 4e4), so CG converges in one or two products. Beyond EXACT_ROWS rows x
+    outputs, B uses a fixed random subset of m rows (`capacitance_rows`, divided by sqrt(m)),
+    a subsampled Hessian. Building costs O(m^2 (|S| c + m c^3)); each application one product with A and one
     with A^T on those rows.
     """
 
@@ -252,7 +270,7 @@ class _RowPreconditioner:
         op, loss, lam = sub.op, sub.loss, sub.lam
         n, c = sub.Y.shape
         s, d = W.shape[0], W.shape[1]
-        m = min(n, max(1, MAX_CAPACITANCE // c))
+        m = capacitance_rows(n, c)
         J = op.sample_rows(m)
         opJ = op.take_rows(J)
         self.fastJ = fast_op.take_rows(J)

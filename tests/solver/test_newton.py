@@ -138,10 +138,22 @@ def test_row_preconditioner_on_a_row_subsample_and_on_cross_entropy_still_helps(
     assert _cg_iterations(local, local.preconditioner()) < plain / 2
     sq = _problem(SquaredLoss(), 1, False, 0.05, n=60, d=6)
     local = _active_point(sq)
-    monkeypatch.setattr(newton, "MAX_CAPACITANCE", 30)  # half the rows
+    monkeypatch.setattr(newton, "EXACT_ROWS", 30)
+    monkeypatch.setattr(newton, "SUBSAMPLE_ROWS", 30)  # half the rows
     pre = local.preconditioner()
     assert pre.m == 30
     assert _cg_iterations(local, pre) < _cg_iterations(local, None) / 2
+
+
+def test_capacitance_rows_all_then_a_subsample_keeping_a_quarter_with_several_outputs():
+    from solver.newton import EXACT_ROWS, SUBSAMPLE_ROWS, capacitance_rows
+
+    assert capacitance_rows(EXACT_ROWS, 1) == EXACT_ROWS  # exact
+    assert capacitance_rows(EXACT_ROWS + 1, 1) == SUBSAMPLE_ROWS
+    assert capacitance_rows(10_000, 1) == SUBSAMPLE_ROWS
+    assert capacitance_rows(EXACT_ROWS // 3, 3) == EXACT_ROWS // 3
+    assert capacitance_rows(2000, 3) == 500  # SUBSAMPLE_ROWS // 3, also a quarter
+    assert capacitance_rows(1200, 10) == 300  # a quarter, above SUBSAMPLE_ROWS // 10
 
 
 def test_polish_with_tol_stops_at_a_certificate_it_reports():
