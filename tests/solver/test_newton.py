@@ -140,6 +140,7 @@ def test_row_preconditioner_on_a_row_subsample_and_on_cross_entropy_still_helps(
     local = _active_point(sq)
     monkeypatch.setattr(newton, "EXACT_ROWS", 30)
     monkeypatch.setattr(newton, "SUBSAMPLE_ROWS", 30)  # half the rows
+    monkeypatch.setattr(newton, "FEATURES_MEASURED", 6)  # this problem's d: no scaling
     pre = local.preconditioner()
     assert pre.m == 30
     assert _cg_iterations(local, pre) < _cg_iterations(local, None) / 2
@@ -154,6 +155,10 @@ def test_capacitance_rows_all_then_a_subsample_keeping_a_quarter_with_several_ou
     assert capacitance_rows(EXACT_ROWS // 3, 3) == EXACT_ROWS // 3
     assert capacitance_rows(2000, 3) == 500  # SUBSAMPLE_ROWS // 3, also a quarter
     assert capacitance_rows(1200, 10) == 300  # a quarter, above SUBSAMPLE_ROWS // 10
+    # Fewer features make products cheaper: smaller factorisations pay, by (d / 1280)^(1/3).
+    assert capacitance_rows(1347, 1, d=64) == int(SUBSAMPLE_ROWS * 0.05 ** (1 / 3))
+    assert capacitance_rows(268, 1, d=64) == 268
+    assert capacitance_rows(EXACT_ROWS, 1, d=4096) == EXACT_ROWS  # no growth beyond 1280
 
 
 def test_polish_with_tol_stops_at_a_certificate_it_reports():
