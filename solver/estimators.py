@@ -21,14 +21,14 @@ Float32 inputs are solved in float32 to a gap of 1e-4, then polished in float64.
 Frobenius penalty (or one output) Newton-CG finishes instead: float32 accelerated
 proximal-gradient rounds find the nonzero blocks (to a gap of 0.2, or 1e-2 when the
 preconditioner below does not apply), then float64 Newton steps on those blocks converge fast,
-dropping blocks that leave the support, with short float32 first-order rounds to bring in
-gates Newton cannot add (float64 inputs take the same route). The Newton systems are solved
-by conjugate gradients with a row-space (Woodbury) preconditioner that is exact up to 1e-4
-when n x n_outputs <= 2250 (so a step costs a Cholesky factorisation of that size and one or
-two operator products) and built on a 1500-row subsample for larger n (up to 12000 x 1 or
-1200 x 10; a few more products per step), both sizes smaller with fewer than 1280 features;
-the gap then falls to 1e-9 or below in a handful of steps. With the nuclear penalty and
-several outputs (the classifier's default) the norm is not differentiable at rank-deficient blocks and the
+dropping blocks that leave the support, with short float32 first-order rounds to bring in gates
+Newton cannot add (float64 inputs take the same route). The Newton systems are solved by
+conjugate gradients with a row-space (Woodbury) preconditioner that is exact up to 1e-4 when n
+x n_outputs <= 2250 (so a step costs a Cholesky factorisation of that size and one or two
+operator products) and built on a 1500-row subsample for larger n (up to 12000 x 1 or 1200 x
+10; a few more products per step), both sizes smaller with fewer than 1280 features; the gap
+then falls to 1e-9 or below in a handful of steps. With the nuclear penalty and several outputs
+(the classifier's default) the norm is not differentiable at rank-deficient blocks and the
 solve stays first-order: moderately regularised programs reach tol=1e-6 in seconds, but at
 small lam (below about 1e-2 * lam_max_, nearly every gate active) the default max_iter may not
 suffice for 1e-6, and the warning is the honest outcome. ``n_iter_`` counts first-order
