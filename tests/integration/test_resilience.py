@@ -56,46 +56,48 @@ def test_cancel_stops_a_running_job(service, alpha, dataset, wait_job, poll):
     assert f"job {job['id']}: cancelled during" in service.log("worker.log")
 
 
-def test_job_survives_its_worker_process_being_killed(service, alpha, dataset, wait_job, poll):
+def _fitting(c, dataset, seed: int, poll) -> dict:
+    """A job long enough to be killed in (1000 iterations at an unreachable tol), once fitting."""
     body = {
         "dataset_id": dataset["id"],
         "lam": 1e-3,
-        "seed": 5,
+        "seed": seed,
         "head": {"gates": 32, "tol": 1e-15, "max_iter": 1000},
     }
+    job = c.post("/v1/finetunes", json=body).json()
+    poll(lambda: _in_fit(c, job["id"]), 120, "the job to start fitting")
+    return job
+
+
+def _finishes_after_a_second_delivery(c, job, service, wait_job) -> dict:
+    done = wait_job(c, job["id"], timeout=300)
+    assert done["state"] == "succeeded", (done, service.log("worker.log"))
+    assert done["deliveries"]["fit"] >= 2
+    assert c.get(f"/v1/heads/{done['head_id']}").status_code == 200
+    return done
+
+
+def test_job_survives_its_worker_process_being_killed(service, alpha, dataset, wait_job, poll):
     with service.client(alpha) as c:
-        job = c.post("/v1/finetunes", json=body).json()
-        poll(lambda: _in_fit(c, job["id"]), 120, "the job to start fitting")
+        job = _fitting(c, dataset, 5, poll)
         children = service.worker_children()
         assert children, "the prefork worker should have a pool process"
         for pid in children:
             os.kill(pid, signal.SIGKILL)  # what the OOM killer does
-        done = wait_job(c, job["id"], timeout=300)
-        assert done["state"] == "succeeded", (done, service.log("worker.log"))
-        assert done["deliveries"]["fit"] >= 2
-        assert c.get(f"/v1/heads/{done['head_id']}").status_code == 200
+        _finishes_after_a_second_delivery(c, job, service, wait_job)
 
 
 def test_job_survives_its_whole_worker_being_killed(service, alpha, dataset, wait_job, poll):
     # Killed whole (main process and pool), the worker neither acks nor rejects: Redis would
     # deliver the message again only after the visibility timeout (hours). The API's recovery
     # loop sees the heartbeat stop (5 s in these tests) and queues the stage again.
-    body = {
-        "dataset_id": dataset["id"],
-        "lam": 1e-3,
-        "seed": 6,
-        "head": {"gates": 32, "tol": 1e-15, "max_iter": 1000},
-    }
     with service.client(alpha) as c:
-        job = c.post("/v1/finetunes", json=body).json()
-        poll(lambda: _in_fit(c, job["id"]), 120, "the job to start fitting")
+        job = _fitting(c, dataset, 6, poll)
         assert service.worker is not None
         os.killpg(service.worker.pid, signal.SIGKILL)  # a lost node, an OOM-killed main process
         service.worker.wait()
         service.start_worker()
-        done = wait_job(c, job["id"], timeout=300)
-        assert done["state"] == "succeeded", (done, service.log("worker.log"))
-        assert done["deliveries"]["fit"] >= 2
+        _finishes_after_a_second_delivery(c, job, service, wait_job)
     assert f"job {job['id']}: no heartbeat for" in service.log("api.log")
 
 
