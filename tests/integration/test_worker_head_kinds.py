@@ -6,12 +6,9 @@ from __future__ import annotations
 import pytest
 
 from workers.sample_data import (
-    FASHION_CLASSES,
-    balanced_indices,
     fashion_mnist_available,
-    load_fashion_mnist,
+    fashion_sample,
     png_bytes,
-    write_imagefolder,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,14 +23,11 @@ HEADS = {
 def images_dataset(service, alpha, tmp_path_factory):
     if not fashion_mnist_available():
         pytest.skip("dataset-fashion-mnist is not installed (.ci/run installs it)")
-    images, labels = load_fashion_mnist("test", classes=CLASSES)
-    path = tmp_path_factory.mktemp("fm") / "kinds.zip"
-    write_imagefolder(path, *(a[balanced_indices(labels, 5)] for a in (images, labels)))
+    sample = fashion_sample(tmp_path_factory.mktemp("fm") / "kinds.zip", CLASSES, 5, 60)
     with service.client(alpha) as c:
-        r = c.post("/v1/datasets", files={"file": ("kinds.zip", path.read_bytes())})
+        r = c.post("/v1/datasets", files={"file": ("kinds.zip", sample.archive.read_bytes())})
         assert r.status_code == 201, r.text
-    probe = balanced_indices(labels, 1, offset=60)
-    return r.json()["id"], images[probe], [FASHION_CLASSES[int(c)] for c in labels[probe]]
+    return r.json()["id"], sample.probes, sample.probe_names
 
 
 @pytest.mark.parametrize("kind", list(HEADS))
