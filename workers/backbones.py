@@ -16,6 +16,7 @@ two loads give the same network and cached embeddings stay valid.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,11 +398,14 @@ def load_backbone(
     allow_random: bool = False,
     allow_download: bool = False,
     device: str | Any = "cpu",
+    fuse: bool = True,
 ) -> Backbone:
     """Build `name` with its weights, frozen, in eval mode, channels_last, on `device`.
 
-    Raises WeightsUnavailable naming the backbone and the ways to supply weights when no
-    weights are on this machine (and random weights were not allowed).
+    With `fuse` (the default), BatchNorms are folded into the convolutions before them
+    (`fuse_batchnorm`): the same function, a faster forward. Raises WeightsUnavailable
+    naming the backbone and the ways to supply weights when no weights are on this machine
+    (and random weights were not allowed).
     """
     import timm
     import torch
@@ -420,9 +424,91 @@ def load_backbone(
     if source.location is not None:
         _load_weights(model, spec, Path(source.location))
     model.eval().requires_grad_(False)
+    if fuse:
+        model = fused(model, spec.input_size)
     device = torch.device(device)
     model = model.to(device=device, memory_format=torch.channels_last)
     return Backbone(spec, model, source, weights_id(source, name), device)
+
+
+# Measured on this project's 2-core CPU VM, bare forward, batch 16, channels_last, 2 threads:
+# tf_efficientnet_lite0 85 -> 107 images/s, mobilenetv3_small_100 613-646 -> 1250-1263, with
+# outputs equal to 2.5e-6 (relative to their largest entry). Eval-mode BatchNorm is an affine
+# map per channel that the convolution before it can absorb; unfused it is a separate pass
+# over every activation map.
+FUSE_TOLERANCE = 1e-4
+
+
+def fuse_batchnorm(model: Any) -> int:
+    """Fold every eval-mode BatchNorm into the Conv2d registered just before it in the same
+    parent (timm's conv -> BN pairs: conv_stem/bn1, conv_dw/bn1, conv_pw/bn2, ...), in place;
+    a BatchNormAct2d leaves its dropout and activation behind. Returns how many were folded.
+
+    The pairing reads registration order, not the forward pass, so callers check the result
+    (`fused` does).
+    """
+    import torch
+
+    n = 0
+    for parent in list(model.modules()):
+        kids = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in itertools.pairwise(kids):
+            if not (
+                isinstance(conv, torch.nn.Conv2d)
+                and isinstance(bn, torch.nn.BatchNorm2d)
+                and bn.num_features == conv.out_channels
+                and bn.running_mean is not None
+                and not bn.training
+            ):
+                continue
+            ones = torch.ones_like(bn.running_var)
+            gamma = bn.weight if bn.weight is not None else ones
+            beta = bn.bias if bn.bias is not None else 0.0 * ones
+            scale = gamma / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else 0.0 * ones
+            conv.weight = torch.nn.Parameter(
+                conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False
+            )
+            conv.bias = torch.nn.Parameter(
+                (bias - bn.running_mean) * scale + beta, requires_grad=False
+            )
+            setattr(parent, bn_name, _after_norm(bn))
+            n += 1
+    return n
+
+
+def fused(model: Any, input_size: tuple[int, int, int]) -> Any:
+    """A copy of `model` with its BatchNorms folded, if its outputs on a random batch agree
+    with the original's to FUSE_TOLERANCE (relative to their largest entry); else `model`."""
+    import copy
+    import logging
+
+    import torch
+
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        return model  # ViTs: LayerNorm only
+    candidate = copy.deepcopy(model)
+    if fuse_batchnorm(candidate) == 0:
+        return model
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = model(x), candidate(x)
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    if err > FUSE_TOLERANCE:
+        logging.getLogger("cvxtune.backbones").warning(
+            "BatchNorm folding changed the outputs by %.1e; using the unfused model", err
+        )
+        return model
+    return candidate
+
+
+def _after_norm(bn: Any) -> Any:
+    """What a folded BatchNorm leaves: timm's BatchNormAct2d's dropout and activation, or
+    nothing (a plain BatchNorm2d)."""
+    import torch
+
+    parts = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+    return torch.nn.Sequential(*parts) if parts else torch.nn.Identity()
 
 
 def _download(spec: BackboneSpec, allow_random: bool) -> WeightsSource:

@@ -120,7 +120,7 @@ def test_local_weights_come_first(tmp_path, layout, with_classifier):
     save_file(state, str(path))
     where = path if layout == "file" else tmp_path
     assert weights_available(name, weights_dir=where)
-    bb = load_backbone(name, weights_dir=where)
+    bb = load_backbone(name, weights_dir=where, fuse=False)  # the file's tensors, as stored
     assert bb.source.kind == "local" and bb.weights_id.startswith("sha256:")
     got = bb.model.state_dict()
     for k, v in state.items():
@@ -133,7 +133,7 @@ def test_efficientnet_lite0_weights_come_from_the_package_by_position():
     assert src.kind == "package" and src.available and weights_available(name)
     package_state = _read_state_dict(__import__("pathlib").Path(src.location))
     assert len(package_state) == 296
-    bb = load_backbone(name)
+    bb = load_backbone(name, fuse=False)  # the package's tensors, as stored
     model_state = bb.model.state_dict()
     for (pk, pv), (mk, mv) in zip(package_state.items(), model_state.items(), strict=True):
         assert torch.equal(pv, mv), (pk, mk)
@@ -157,3 +157,61 @@ def test_catalogue_for_the_api():
     assert entries["vit_tiny_patch16_224"]["weights_available"] is False
     assert entries["vit_tiny_patch16_224"]["embed_dim"] == 192
     assert entries["mobilenetv3_large_100"]["feature_map_shape"] == [960, 7, 7]
+
+
+def test_batchnorm_folding_keeps_every_output_and_leaves_no_batchnorm():
+    from workers.extract import forward
+
+    plain = load_backbone("tf_efficientnet_lite0", fuse=False)  # real running statistics
+    folded = load_backbone("tf_efficientnet_lite0")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for output in ("pooled", "feature_map", "tokens"):
+            want, got = forward(plain, x, output), forward(folded, x, output)
+            assert float((got - want).abs().max() / want.abs().max()) < 1e-4, output
+
+
+def test_batchnorm_folding_with_nontrivial_statistics_and_activations():
+    import timm
+
+    from workers.backbones import fuse_batchnorm
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_100", pretrained=False).eval()
+    for m in model.modules():  # random-init statistics are 0 / 1: make folding do something
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        want = model(x)
+        n = fuse_batchnorm(model)
+        got = model(x)
+    assert n > 30
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_a_fold_that_changes_the_outputs_is_refused():
+    from workers.backbones import fused
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    net[1].running_var.fill_(4.0)
+    assert fused(net, (3, 8, 8)) is not net  # folded: same outputs
+
+    class Reordered(torch.nn.Module):  # registered conv -> bn, run bn -> conv: must not fold
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    other = Reordered().eval()
+    other.bn.running_mean.fill_(2.0)
+    assert fused(other, (3, 8, 8)) is other
