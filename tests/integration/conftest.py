@@ -112,9 +112,9 @@ class Service:
         assert self.worker is not None
         return [p.pid for p in psutil.Process(self.worker.pid).children()]
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int = 4000) -> str:
         p = self.data_dir / name
-        return p.read_text(errors="replace")[-4000:] if p.exists() else ""
+        return p.read_text(errors="replace")[-tail:] if p.exists() else ""
 
     def key(self, project: str) -> dict[str, str]:
         out = subprocess.run(

@@ -98,7 +98,7 @@ def test_job_survives_its_whole_worker_being_killed(service, alpha, dataset, wai
         service.worker.wait()
         service.start_worker()
         _finishes_after_a_second_delivery(c, job, service, wait_job)
-    assert f"job {job['id']}: no heartbeat for" in service.log("api.log")
+    assert f"job {job['id']}: no heartbeat for" in service.log("api.log", tail=10**8)
 
 
 def test_api_restart_keeps_everything(service, alpha):
