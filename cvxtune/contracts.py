@@ -50,7 +50,6 @@ class Stage(StrEnum):
     done = "done"
 
 
-# Share of the overall progress each stage covers (extraction dominates image datasets).
 # The task that runs each stage: where a job queued again mid-chain resumes.
 STAGE_TASK: dict[Stage, str] = {
     Stage.validate: TASK_VALIDATE,
@@ -60,6 +59,7 @@ STAGE_TASK: dict[Stage, str] = {
     Stage.register: TASK_REGISTER,
 }
 
+# Share of the overall progress each stage covers (extraction dominates image datasets).
 STAGE_SPAN: dict[Stage, tuple[float, float]] = {
     Stage.validate: (0.0, 0.02),
     Stage.extract: (0.02, 0.60),

@@ -12,8 +12,8 @@ H d = -grad phi is solved by preconditioned conjugate gradients; one Hessian pro
 product with A_S and one with its adjoint (in float32), the price of a FISTA iteration. The
 preconditioner (``_RowPreconditioner``) is H itself up to a 1e-4 perturbation, inverted
 through the n x n row space (Woodbury), so CG stops after one or two products whatever the
-conditioning of X: a Newton step costs about a Cholesky factorisation of an n x n matrix
-(a subsample of 3000 rows beyond that) and a few products.
+conditioning of X: a Newton step costs about a Cholesky factorisation of an n x n matrix (of
+a row subsample for larger n, `capacitance_rows`) and a few products.
 
 H v = A_S^T (hess f) A_S v + lam * (v_i - u_i <u_i, v_i>) / ||W_i||   (u_i = W_i / ||W_i||)
 

@@ -21,15 +21,12 @@ from cvxtune.settings import Settings
 class RecordingQueue:
     def __init__(self) -> None:
         self.finetunes: list[str] = []
-        self.resumed: list[tuple[str, str]] = []  # (job id, first task) of mid-chain sends
         self.predictions: list[str] = []
         self.revoked: list[str] = []
 
     def send_finetune(self, job_id: str, start: str = contracts.TASK_VALIDATE) -> None:
-        if start == contracts.TASK_VALIDATE:
-            self.finetunes.append(job_id)
-        else:
-            self.resumed.append((job_id, start))
+        assert start == contracts.TASK_VALIDATE, "routes queue whole chains; recovery resumes"
+        self.finetunes.append(job_id)
 
     def send_batch_prediction(self, prediction_id: str) -> None:
         self.predictions.append(prediction_id)
