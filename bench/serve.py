@@ -59,10 +59,13 @@ def _wait(url: str, timeout: float = 120) -> None:
 # ---------------------------------------------------------------- the backbone's limit
 
 
-def forward_limit(batch_sizes: tuple[int, ...] = (1, 4, 8, 32), seconds: float = 2.0) -> dict:
+def forward_limit(
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 32), seconds: float = 2.0, device: str = "cpu"
+) -> dict:
     """Sustained images/s of the bare forward on random 224 px inputs, for every batch size x
     memory format x layout: one forward on all cores' intra-op threads, or one single-threaded
-    forward per core side by side (what the server's runners do). The best is the limit."""
+    forward per core side by side (what the server's runners do). The best is the limit.
+    On a GPU: one forward under the extractor's autocast, inputs already on the device."""
     import threading
 
     import torch
@@ -70,7 +73,9 @@ def forward_limit(batch_sizes: tuple[int, ...] = (1, 4, 8, 32), seconds: float =
     from workers.backbones import load_backbone
     from workers.extract import usable_cpus
 
-    bb = load_backbone(BACKBONE)
+    bb = load_backbone(BACKBONE, device=device)
+    if device.startswith("cuda"):
+        return _gpu_limit(bb, (1, 8, 32, 64, 128, 256), seconds)
     cpus, threads0 = usable_cpus(), torch.get_num_threads()
     rows = []
 
@@ -117,10 +122,40 @@ def forward_limit(batch_sizes: tuple[int, ...] = (1, 4, 8, 32), seconds: float =
     return {"rows": rows, "best": top}
 
 
+def _gpu_limit(bb: Any, batch_sizes: tuple[int, ...], seconds: float) -> dict:
+    import torch
+
+    from workers.extract import forward
+
+    rows = []
+    for bs in batch_sizes:
+        x = torch.randn(bs, 3, 224, 224, device=bb.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            for _ in range(3):
+                forward(bb, x, "pooled")  # warm-up (cuDNN's algorithm choice)
+            torch.cuda.synchronize()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                forward(bb, x, "pooled")
+                n += bs
+            torch.cuda.synchronize()
+        rate = n / (time.perf_counter() - t0)
+        rows.append(
+            {
+                "memory_format": "channels_last",
+                "layout": "1 forward",
+                "batch": bs,
+                "images_per_s": rate,
+            }
+        )
+    return {"rows": rows, "best": max(rows, key=lambda r: r["images_per_s"])}
+
+
 # ---------------------------------------------------------------- the bare endpoint
 
 
-def bare_server(port: int, head_dir: str) -> None:
+def bare_server(port: int, head_dir: str, device: str) -> None:
     import uvicorn
     from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
@@ -129,7 +164,7 @@ def bare_server(port: int, head_dir: str) -> None:
     from workers.backbones import load_backbone
     from workers.extract import embed_images
 
-    bb = load_backbone(BACKBONE)
+    bb = load_backbone(BACKBONE, device=device)
     head = ConvexMLPClassifier.load(head_dir)
     app = FastAPI()
 
@@ -281,30 +316,47 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     p.add_argument("--bare-server", nargs=2, metavar=("PORT", "HEAD_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.bare_server:
-        bare_server(int(args.bare_server[0]), args.bare_server[1])
+        bare_server(int(args.bare_server[0]), args.bare_server[1], args.device)
         return 0
 
     from workers.sample_data import load_fashion_mnist, png_bytes
 
     image = png_bytes(load_fashion_mnist("test")[0][0])
     results: dict[str, Any] = {
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "device": args.device,
+        }
     }
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         head_id, head_dir, auth = _make_head(data_dir)
         print("limit: best bare batched forward ...", flush=True)
-        results["limit"] = forward_limit()
+        results["limit"] = forward_limit(device=args.device)
         print(json.dumps(results["limit"]["best"]), flush=True)
 
-        env = {**os.environ, "CVXTUNE_DATA_DIR": str(data_dir)}
+        env = {
+            **os.environ,
+            "CVXTUNE_DATA_DIR": str(data_dir),
+            "CVXTUNE_SERVING_DEVICE": args.device,
+        }
         servers = {}
         bare_port, api_port = _port(), _port()
         servers["bare"] = subprocess.Popen(
-            [sys.executable, __file__, "--bare-server", str(bare_port), head_dir], env=env
+            [
+                *(sys.executable, __file__, "--device", args.device),
+                *("--bare-server", str(bare_port), head_dir),
+            ],
+            env=env,
         )
         servers["cvxtune"] = subprocess.Popen(
             [sys.executable, "-m", "cvxtune.cli", "serve", "--no-worker", "--port", str(api_port)],

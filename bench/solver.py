@@ -44,7 +44,8 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results"
-FMNIST_RAW = Path("/usr/share/datasets/fashion-mnist")
+# Where the Fashion-MNIST files are: the same setting as workers.sample_data.
+FMNIST_RAW = Path(os.environ.get("CVXTUNE_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 BACKBONE = "tf_efficientnet_lite0"
 PYSCNN_PYTHON = os.environ.get("PYSCNN_PYTHON", "/tmp/pyscnn-venv/bin/python")
 
