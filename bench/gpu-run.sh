@@ -40,10 +40,10 @@ if ! python3 -c "import cvxpy" 2> /dev/null; then
   mkdir -p /tmp/stub/cvxpy && echo '"""Stand-in for the GPU run."""' > /tmp/stub/cvxpy/__init__.py
   STUB=/tmp/stub:
 fi
-PYTHONPATH=$STUB${PYTHONPATH:-} part tests 150 python3 -m pytest -q -p no:cacheprovider -m cuda \
+PYTHONPATH=$STUB${PYTHONPATH:-} part tests 100 python3 -m pytest -q -p no:cacheprovider -m cuda \
   tests/solver/test_estimator.py tests/solver/test_cnn.py tests/solver/test_attention.py \
   tests/workers/test_extract.py
-part head-kinds 120 python3 -m pytest -q -p no:cacheprovider tests/app/test_head_kinds.py
+part head-kinds 100 python3 -m pytest -q -p no:cacheprovider tests/app/test_head_kinds.py
 part rows "${GPU_ROWS_S:-150}" python3 bench/gpu.py --out "$OUT/gpu.json" --pipeline-n 2048
 part heads "${GPU_HEADS_S:-150}" python3 bench/heads.py --device cuda --convex-only \
   --out "$OUT/heads.json"
