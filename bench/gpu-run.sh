@@ -6,7 +6,8 @@
 #      (fp32/fp16/bf16, channels_last), the whole extraction pipeline;
 #   3. bench/heads.py --convex-only on the GPU (real Lite0 feature maps of Fashion-MNIST);
 #   4. bench/serve.py on the GPU.
-# Run from the repository root: bash bench/gpu-run.sh. Logs and JSON go to $OUT (default
+# Run from the repository root: bash bench/gpu-run.sh (GPU_PARTS=tests,serve picks parts; GPU_*_S
+# set their time limits). Logs and JSON go to $OUT (default
 # bench/results/gpu). Python packages missing there can be carried as wheels in .whl/, and
 # Fashion-MNIST's four files in .fmnist/ (both git-ignored).
 set -u
@@ -26,6 +27,7 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 part() {  # part NAME SECONDS COMMAND...: run under a time limit, log to $OUT/NAME.log
   local name=$1 limit=$2
   shift 2
+  case ",${GPU_PARTS:-tests,head-kinds,rows,heads,serve}," in *",$name,"*) ;; *) return ;; esac
   echo "== $name (limit ${limit}s)"
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -47,4 +49,6 @@ part head-kinds 100 python3 -m pytest -q -p no:cacheprovider tests/app/test_head
 part rows "${GPU_ROWS_S:-150}" python3 bench/gpu.py --out "$OUT/gpu.json" --pipeline-n 2048
 part heads "${GPU_HEADS_S:-150}" python3 bench/heads.py --device cuda --convex-only \
   --out "$OUT/heads.json"
-part serve "${GPU_SERVE_S:-120}" python3 bench/serve.py --seconds 5 --out "$OUT/serve.json"
+# cvxtune first: the bare endpoint's concurrent forwards on one GPU can stall for seconds.
+part serve "${GPU_SERVE_S:-120}" python3 bench/serve.py --seconds 5 --servers cvxtune,bare \
+  --out "$OUT/serve.json"

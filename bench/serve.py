@@ -317,6 +317,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
+    p.add_argument("--servers", default="bare,cvxtune", help="which servers, in this order")
     p.add_argument("--bare-server", nargs=2, metavar=("PORT", "HEAD_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device is None:
@@ -368,7 +369,8 @@ def main() -> int:
                 "bare": (f"http://127.0.0.1:{bare_port}", "/predict", {}),
                 "cvxtune": (f"http://127.0.0.1:{api_port}", f"/v1/heads/{head_id}/predict", auth),
             }
-            for name, (base, path, headers) in targets.items():
+            for name in args.servers.split(","):
+                base, path, headers = targets[name]
                 _wait(f"{base}/healthz")
                 results[name] = []
                 for c in args.concurrency:
@@ -393,7 +395,7 @@ def table(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name in ("bare", "cvxtune"):
-        for r in results[name]:
+        for r in results.get(name, []):
             lines.append(
                 f"| {name} | {r['concurrency']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
                 f"| {r['images_per_s']:.1f} | {r['images_per_s'] / limit:.2f} |"

@@ -388,6 +388,11 @@ def fit_projection(
         var, vecs = _randomized_pca(X, mu, k, generator)
     if not float(var[0]) > 0:
         raise ValueError("the tokens do not vary; there is nothing to project")
+    # Eigen- and singular vectors come with an arbitrary sign, which differs between LAPACK
+    # and cuSOLVER; gates act on the projected tokens, so the sign changes the program. Each
+    # direction's largest entry is made positive: the same projection on every device.
+    cols = torch.arange(vecs.shape[1], device=vecs.device)
+    vecs = vecs * torch.sign(vecs[vecs.abs().argmax(dim=0), cols])
     keep = var > VARIANCE_RTOL * var[0]
     return mu, vecs[:, keep] / var[keep].sqrt()
 

@@ -67,10 +67,13 @@ def _run(settings, job_id) -> None:
 
 
 def _backbone_outputs(name, images, output):
+    """The outputs the server computes for these images: the same backbone on the same device
+    (on a GPU, under the same autocast)."""
+    from app.serving import default_device
     from workers.backbones import load_backbone
     from workers.extract import embed_images
 
-    bb = load_backbone(name, allow_random=True)
+    bb = load_backbone(name, allow_random=True, device=default_device())
     return embed_images(bb, [png_bytes(im) for im in images], output=output)
 
 
@@ -124,8 +127,11 @@ def test_finetune_and_predict_each_kind(client, auth, settings, queue, fashion, 
     assert r.status_code == 200, r.text
     by_embedding = r.json()["predictions"]
     assert [p["label"] for p in by_embedding] == [p["label"] for p in by_image]
+    # On a GPU the forward runs under autocast (bf16), where the batch the server forms may
+    # take other kernels than this one.
+    tol = 1e-3 if _cuda() else 1e-4
     for a, b in zip(by_embedding, by_image, strict=True):
-        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=tol)
 
     # A batch prediction over the training images agrees with online prediction (both in
     # float32 on the CPU; on a GPU, extraction runs under autocast and agrees less closely).

@@ -338,6 +338,33 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize("d", [6, 300])
+def test_projection_does_not_depend_on_the_eigensolvers_signs(monkeypatch, d):
+    # LAPACK and cuSOLVER return eigen- and singular vectors with different signs; gates act on
+    # the projected tokens, so a sign that followed the solver changed the program on a GPU
+    # (a gated fit's objective differed by 3 % from the CPU's).
+    X, y = tiny(seed=5, n=30, T=4, d=d)
+    kw = dict(attention="gated_relu", gates=3, n_components=3, lam=1e-2, random_state=0)
+    ref = ConvexAttentionClassifier(**kw).fit(X, y)
+    eigh, svd = torch.linalg.eigh, torch.linalg.svd
+
+    def flipped_eigh(A, *a, **k):
+        w, V = eigh(A, *a, **k)
+        return torch.return_types.linalg_eigh((w, -V))
+
+    def flipped_svd(A, *a, **k):
+        U, S, Vh = svd(A, *a, **k)
+        return torch.return_types.linalg_svd((-U, S, -Vh))
+
+    monkeypatch.setattr(torch.linalg, "eigh", flipped_eigh)
+    monkeypatch.setattr(torch.linalg, "svd", flipped_svd)
+    other = ConvexAttentionClassifier(**kw).fit(X, y)
+    assert torch.equal(other.projection_, ref.projection_)
+    assert other.objective_ == pytest.approx(ref.objective_, rel=1e-12)
+    P = ref.projection_
+    assert bool((P[P.abs().argmax(dim=0), torch.arange(P.shape[1])] > 0).all())
+
+
+@pytest.mark.parametrize("d", [6, 300])
 def test_projection_whitens_the_top_components(d):
     gen = torch.Generator().manual_seed(12)
     scales = torch.cat([torch.tensor([9.0, 7.0, 5.0]), 0.1 * torch.ones(d - 3)])
