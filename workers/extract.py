@@ -500,17 +500,36 @@ def _drop_rows(X: np.ndarray, out_dir: Path, bad_rows: list[int]) -> np.ndarray:
 # ---------------------------------------------------------------- in-memory images
 
 
+def bucket_sizes(limit: int) -> list[int]:
+    """The batch shapes padded batches take: powers of two below `limit`, then `limit`."""
+    sizes, k = [], 1
+    while k < limit:
+        sizes.append(k)
+        k *= 2
+    return [*sizes, max(1, limit)]
+
+
+def bucket_size(n: int, limit: int) -> int:
+    """The smallest of `bucket_sizes(limit)` that holds n images (n <= limit)."""
+    return next(b for b in bucket_sizes(limit) if b >= n)
+
+
 def embed_images(
     bb: Backbone,
     images: Sequence[Any],
     *,
     output: str = "pooled",
     batch_size: int = 32,
+    pad_batches: bool = False,
 ) -> np.ndarray:
     """Embed in-memory images (PIL images, encoded bytes or uint8 HxW[x3] arrays).
 
     For online prediction: decoding happens here, in the caller's thread. Raises InvalidInput
-    naming the index of an image that cannot be decoded.
+    naming the index of an image that cannot be decoded. With `pad_batches`, each forward's
+    batch is padded with blank images to one of `bucket_sizes(batch_size)`, so a GPU meets a
+    handful of shapes (each new shape costs it a search for convolution kernels) instead of
+    every size up to `batch_size`; the padding rows are dropped (eval-mode rows are
+    independent).
     """
     import torch
     from PIL import Image
@@ -534,7 +553,11 @@ def embed_images(
     with torch.inference_mode():
         for s in range(0, len(arrays), batch_size):
             batch = torch.from_numpy(stack_uint8(arrays[s : s + batch_size], pre))
-            out[s : s + len(batch)] = forward(bb, normalize(batch), output).cpu().numpy()
+            n = len(batch)
+            if pad_batches and bucket_size(n, batch_size) > n:
+                pad = batch.new_zeros((bucket_size(n, batch_size) - n, *batch.shape[1:]))
+                batch = torch.cat([batch, pad])
+            out[s : s + n] = forward(bb, normalize(batch), output)[:n].cpu().numpy()
     return out
 
 

@@ -206,13 +206,22 @@ class Server:
         max_wait_ms: float = 0.0,
         device: str = "cpu",
         runners: int = 1,
+        fixed_shapes: bool | None = None,
     ):
         """`runners` batches run at once per backbone. On a CPU with several runners, torch's
         intra-op threads (process-wide) are set to the cores divided among them, so the
-        runners share the cores instead of oversubscribing them."""
+        runners share the cores instead of oversubscribing them.
+
+        With `fixed_shapes` (the default on a GPU), batches are padded to a few sizes
+        (`workers.extract.bucket_sizes(max_batch)`) and a backbone runs each size once, in its
+        runner threads, before it serves: a GPU's first forward at a new shape stops to choose
+        convolution kernels, which would otherwise land on live requests."""
         self.weights_dir, self.allow_random, self.device = weights_dir, allow_random, device
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
         self.runners = max(1, runners)
+        self.fixed_shapes = (
+            str(device).startswith("cuda") if fixed_shapes is None else bool(fixed_shapes)
+        )
         self.heads: LRU[str, LoadedHead] = LRU(max_heads)
         self.backbones: LRU[str, Batcher] = LRU(max_backbones, on_evict=Batcher.close)
 
@@ -277,16 +286,43 @@ class Server:
                 device=self.device,
             )
 
+            pad, size = self.fixed_shapes, self.max_batch
+
             def embed(b: Any, images: list[Any], output: str) -> np.ndarray:
-                return np.asarray(embed_images(b, images, output=output), dtype=np.float32)
+                Z = embed_images(b, images, output=output, batch_size=size, pad_batches=pad)
+                return np.asarray(Z, dtype=np.float32)
 
             if self.runners > 1 and str(self.device).startswith("cpu"):
                 import torch
 
                 torch.set_num_threads(max(1, usable_cpus() // self.runners))
-            return Batcher(bb, embed, self.max_batch, self.max_wait_s, self.runners)
+            batcher = Batcher(bb, embed, self.max_batch, self.max_wait_s, self.runners)
+            if self.fixed_shapes:
+                self._warm_shapes(backbone, batcher)
+            return batcher
 
         return self.backbones.get_or_load(backbone, load)
+
+    def _warm_shapes(self, backbone: str, batcher: Batcher) -> None:
+        """One forward per padded batch size, through the batcher's own threads (PyTorch keeps
+        some of cuDNN's choices per thread). Requests wait for the backbone meanwhile."""
+        import time
+
+        from PIL import Image
+
+        from workers.extract import bucket_sizes
+
+        t0 = time.perf_counter()
+        blank = Image.new("RGB", batcher.backbone.spec.input_size[1:][::-1])
+        for size in bucket_sizes(self.max_batch):
+            for _ in range(self.runners):  # one after another, so no two sizes merge
+                batcher.submit([blank] * size).result()
+        log.info(
+            "%s: %d batch shapes warmed in %.1f s",
+            backbone,
+            len(bucket_sizes(self.max_batch)),
+            time.perf_counter() - t0,
+        )
 
     def embed_images(
         self, backbone: str, images: list[bytes], output: str = "pooled"

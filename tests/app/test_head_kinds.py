@@ -416,6 +416,40 @@ def test_serving_batch_size_and_device_follow_the_settings(tmp_path):
     assert (given.device, given.max_batch, given.runners) == ("cpu", 7, 3)
 
 
+def test_fixed_shapes_warm_every_batch_size_and_pad_live_batches(monkeypatch, caplog):
+    """On a GPU (here forced on the CPU) a backbone runs each padded batch size once when it
+    loads, in its runner thread, and live batches take only those sizes."""
+    import logging
+    import threading
+
+    import workers.backbones
+    from workers.serving import Server
+
+    assert not Server(device="cpu").fixed_shapes  # the CPU default: no padding
+    server = Server(allow_random=True, max_batch=8, device="cpu", fixed_shapes=True)
+    bb = workers.backbones.load_backbone("mobilenetv3_small_100", allow_random=True)
+    shapes: list[tuple[int, str]] = []
+    original = bb.model.forward_features
+
+    def spy(x):
+        shapes.append((len(x), threading.current_thread().name))
+        return original(x)
+
+    monkeypatch.setattr(bb.model, "forward_features", spy)
+    monkeypatch.setattr(workers.backbones, "load_backbone", lambda *a, **k: bb)
+    with caplog.at_level(logging.INFO, logger="cvxtune.serving"):
+        server.warm("mobilenetv3_small_100")
+    warmed = list(shapes)
+    image = png_bytes(np.zeros((28, 28), dtype=np.uint8))
+    Z = server.embed_images("mobilenetv3_small_100", [image] * 3).result(10)
+    assert [n for n, _ in warmed] == [1, 2, 4, 8]
+    assert {name for _, name in warmed} == {"cvxtune-batcher-0"}
+    assert shapes[len(warmed) :] == [(4, "cvxtune-batcher-0")]  # 3 images padded to 4
+    assert Z.shape == (3, *bb.spec.output_shape("pooled"))
+    assert np.allclose(Z, Z[0], atol=1e-6)
+    assert "4 batch shapes warmed" in caplog.text
+
+
 def test_batcher_runners_run_batches_side_by_side_and_stop_on_close():
     """Two runners: a second batch starts while the first is still in its forward, each
     request gets its own rows, and close() ends every runner thread."""

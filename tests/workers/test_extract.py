@@ -91,6 +91,34 @@ def test_embed_images_matches_extract(small_zip, small_images, mobile):
         embed_images(mobile, [raw[0], b"nope"])
 
 
+def test_padded_batches_take_few_shapes_and_give_the_same_embeddings(small_images, mobile):
+    from workers.extract import bucket_size, bucket_sizes
+
+    assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert bucket_sizes(4) == [1, 2, 4] and bucket_sizes(6) == [1, 2, 4, 6]
+    assert [bucket_size(n, 6) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    images = list(small_images[0][:7])
+    seen = []
+    original = mobile.model.forward_features
+
+    def spy(x):
+        seen.append(len(x))
+        return original(x)
+
+    mobile.model.forward_features = spy
+    try:
+        padded = embed_images(mobile, images, batch_size=4, pad_batches=True)
+        for output in ("feature_map", "tokens"):
+            Z = embed_images(mobile, images[:3], output=output, pad_batches=True)
+            assert np.allclose(Z, embed_images(mobile, images[:3], output=output), atol=1e-5)
+    finally:
+        del mobile.model.forward_features
+    # 7 images in batches of 4: 4, then 3 padded to 4; 3 images: padded to 4, unpadded 3.
+    assert seen == [4, 4, 4, 3, 4, 3]
+    assert padded.shape[0] == 7
+    assert np.allclose(padded, embed_images(mobile, images, batch_size=4), atol=1e-5)
+
+
 def test_vit_outputs_end_to_end(small_zip, cache_dir):
     kw = dict(cache_dir=cache_dir, allow_random=True, weights_dir="/nonexistent")
     pooled = extract(small_zip, VIT, **kw)
