@@ -161,6 +161,21 @@ def test_capacitance_rows_all_then_a_subsample_keeping_a_quarter_with_several_ou
     assert capacitance_rows(EXACT_ROWS, 1, d=4096) == EXACT_ROWS  # no growth beyond 1280
 
 
+def test_one_output_is_always_preconditioned_several_only_while_a_quarter_fits():
+    from types import SimpleNamespace
+
+    from solver.newton import MAX_CAPACITANCE, preconditioned
+
+    def program(n, c, gated=True):
+        op = SimpleNamespace(take_rows=None) if gated else SimpleNamespace()
+        return SimpleNamespace(Y=torch.zeros(n, c), op=op)
+
+    assert preconditioned(program(60_000, 1))  # 4 x 3000 rows no longer bounds one output
+    assert preconditioned(program(4 * (MAX_CAPACITANCE // 10), 10))
+    assert not preconditioned(program(4 * (MAX_CAPACITANCE // 10) + 1, 10))
+    assert not preconditioned(program(100, 1, gated=False))  # no row subsets to take
+
+
 def test_polish_with_tol_stops_at_a_certificate_it_reports():
     prob = _problem(SquaredLoss(), 1, False, 0.02)
     W0 = torch.zeros(prob.op.n_gates, 5, 1, dtype=torch.float64)
