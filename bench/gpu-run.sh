@@ -6,10 +6,11 @@
 #      (fp32/fp16/bf16, channels_last), the whole extraction pipeline;
 #   3. bench/heads.py --convex-only on the GPU (real Lite0 feature maps of Fashion-MNIST);
 #   4. bench/serve.py on the GPU.
-# Run from the repository root: bash bench/gpu-run.sh (GPU_PARTS=tests,serve picks parts; GPU_*_S
-# set their time limits). Logs and JSON go to $OUT (default
-# bench/results/gpu). Python packages missing there can be carried as wheels in .whl/, and
-# Fashion-MNIST's four files in .fmnist/ (both git-ignored).
+# Run from the repository root: bash bench/gpu-run.sh. GPU_PARTS=tests,serve picks parts and
+# GPU_ROWS_S / GPU_HEADS_S / GPU_SERVE_S set their time limits (the rows part needs about 240 s
+# on an H200 to reach the pipeline rows). Logs and JSON go to $OUT (default bench/results/gpu).
+# Python packages missing there can be carried as wheels in .whl/, and Fashion-MNIST's four
+# files in .fmnist/ (both git-ignored).
 set -u
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
