@@ -58,7 +58,9 @@ class GroupNuclear:
             return GroupFrobenius().prox(V, t)
         s, Q = self._eig(V)
         shrink = (1.0 - t / s.clamp_min(torch.finfo(V.dtype).tiny)).clamp_min(0.0)
-        return V @ (Q * shrink.unsqueeze(1)) @ Q.transpose(1, 2)
+        # V Q diag(shrink) Q^T with the c x c factor formed first: one product with the big
+        # (p, d, c) blocks instead of two (1.5-2x faster prox: 64 gates, d = 1280, c = 3).
+        return V @ ((Q * shrink.unsqueeze(1)) @ Q.transpose(1, 2))
 
 
 PENALTIES: dict[str, type[GroupFrobenius] | type[GroupNuclear]] = {
