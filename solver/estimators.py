@@ -54,7 +54,7 @@ from .network import gated_network, relu_network
 from .operator import GatedOperator
 from .patterns import compute_patterns, sample_gates, unique_patterns
 from .penalties import PENALTIES, GroupFrobenius, GroupNuclear
-from .problem import Problem, zero_threshold
+from .problem import Problem, certificate, zero_threshold
 from .relu import solve_relu
 from .workingset import solve
 
@@ -175,14 +175,16 @@ class _ConvexMLP(NeuronHead):
         loss: SquaredLoss | CrossEntropyLoss = LOSSES[self._loss_name()]()
         pen: GroupFrobenius | GroupNuclear = PENALTIES[self.penalty]()
         self.lam_max_ = lam_max(Z, masks, Y, loss, pen, self.fit_intercept)
+        reduced = self._row_space(Z)
+        Zs = Z if reduced is None else reduced[0]
         if self.lam == "auto":
-            self.lam_, self.path_, W0 = self._choose_lam(Z, masks, Y, loss, pen, progress)
+            self.lam_, self.path_, W0 = self._choose_lam(Zs, masks, Y, loss, pen, progress)
         else:
             self.lam_, W0 = float(self.lam), None
         if self.activation == "relu":
             return self._fit_relu(Z, masks, Y, loss, progress)
-        problem = Problem(GatedOperator(Z, masks), Y, loss, pen, self.lam_, self.fit_intercept)
-        W = W0 if W0 is not None else Z.new_zeros(masks.shape[1], Z.shape[1], Y.shape[1])
+        problem = Problem(GatedOperator(Zs, masks), Y, loss, pen, self.lam_, self.fit_intercept)
+        W = W0 if W0 is not None else Z.new_zeros(masks.shape[1], Zs.shape[1], Y.shape[1])
         b = problem.zero_bias()
         res = solve(
             problem,
@@ -193,9 +195,37 @@ class _ConvexMLP(NeuronHead):
             working_set=self.working_set,
             callback=_progress_adapter(progress, self.tol),
         )
-        self._store(res.W, res.b, res.cert, res.n_iter, res.converged, 0.0)
-        self.pricing_violation_ = self._pricing(Z, Y, problem, res.W, res.b)
+        W, cert, converged = res.W, res.cert, res.converged
+        if reduced is not None:
+            # Back to the features, and the certificate of the program as stated, in the
+            # precision the solve ended in.
+            problem = Problem(GatedOperator(Z, masks), Y, loss, pen, self.lam_, self.fit_intercept)
+            W = torch.einsum("dr,prc->pdc", reduced[1].to(W.dtype), W)
+            final = problem if W.dtype == Z.dtype else problem.to(W.dtype)
+            cert = certificate(final, W, res.b, final.forward(W))
+            converged = cert.gap <= self.tol
+        self._store(W, res.b, cert, res.n_iter, converged, 0.0)
+        self.pricing_violation_ = self._pricing(Z, Y, problem, W, res.b)
         return self._finish(progress)
+
+    def _row_space(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Z V, V) for an orthonormal basis V (d, r) of Z's row space, when Z has at most half
+        as many rows as columns (the gated program only); else None.
+
+        The loss sees a block W_i only through D_i Z W_i, and projecting W_i onto the row
+        space never raises its Frobenius or nuclear norm, so every optimum has W_i = V C_i and
+        the program in C_i with data Z V (r <= n columns instead of d) is the same program:
+        the same objective, dual constraint and iterates, at a fraction of the cost per
+        product (45 images of 1280 features: 28x fewer columns).
+        """
+        n, d = Z.shape
+        if self.activation != "gated_relu" or 2 * n > d:
+            return None
+        U, s, Vh = torch.linalg.svd(Z.to(torch.float64), full_matrices=False)
+        r = int((s > s[0] * d * torch.finfo(torch.float64).eps).sum())
+        if r == 0:
+            return None
+        return (U[:, :r] * s[:r]).to(Z.dtype), Vh[:r].T
 
     def _fit_relu(self, Z, masks, Y, loss, progress) -> _ConvexMLP:
         res = solve_relu(

@@ -3,6 +3,7 @@ penalty and activation: objective to 1e-5 relative, model outputs to 1e-3."""
 
 import numpy as np
 import pytest
+import torch
 
 from solver import ConvergenceWarning, ConvexMLPClassifier, ConvexMLPRegressor
 
@@ -36,6 +37,25 @@ def test_gated_classifier_matches_cvxpy(loss, penalty, fit_intercept):
     assert clf.objective_ == pytest.approx(ref_obj, rel=1e-5)
     F = clf.decision_function(X).numpy()
     if loss == "cross_entropy":  # softmax ignores a shift shared by all classes
+        F, ref_F = F - F.mean(1, keepdims=True), ref_F - ref_F.mean(1, keepdims=True)
+    assert np.allclose(F, ref_F, atol=1e-3)
+
+
+@pytest.mark.parametrize("penalty", ["nuclear", "frobenius"])
+@pytest.mark.parametrize("loss", ["squared", "cross_entropy"])
+def test_wide_data_solved_in_its_row_space_matches_cvxpy(loss, penalty):
+    # 12 samples of 30 features: the estimator solves the program in the 12-dimensional row
+    # space of [X, 1] and maps back; CVXPY solves it over all 31 columns.
+    X, y = small_problem(seed=3, n=12, d=30)
+    clf = ConvexMLPClassifier(
+        gates=5, lam=0.05, loss=loss, penalty=penalty, random_state=0, tol=1e-8, max_iter=20000
+    ).fit(X, y)
+    assert clf._row_space(torch.as_tensor(clf._augment(torch.as_tensor(X)))) is not None
+    ref_obj, ref_F = solve_gated(X, _onehot(y, 3), clf.gates_.numpy(), 0.05, loss, penalty, True)
+    assert clf.duality_gap_ <= 1e-8
+    assert clf.objective_ == pytest.approx(ref_obj, rel=1e-5)
+    F = clf.decision_function(X).numpy()
+    if loss == "cross_entropy":
         F, ref_F = F - F.mean(1, keepdims=True), ref_F - ref_F.mean(1, keepdims=True)
     assert np.allclose(F, ref_F, atol=1e-3)
 

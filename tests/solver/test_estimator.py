@@ -157,6 +157,33 @@ def test_float32_inputs_are_polished_to_the_certificate():
     assert clf32.objective_ == pytest.approx(clf64.objective_, rel=1e-5)
 
 
+def test_wide_data_in_its_row_space_gives_the_full_programs_solution(monkeypatch):
+    """Fewer samples than half the features: the fit runs on the row space of [X, 1] and its
+    certificate is the full program's; with the reduction switched off, the same optimum."""
+    X, y = small_problem(seed=7, n=16, d=50)
+    kw = dict(gates=8, lam=0.02, random_state=0, tol=1e-8, max_iter=20000)
+    for penalty in ("nuclear", "frobenius"):
+        fast = ConvexMLPClassifier(penalty=penalty, **kw).fit(X, y)
+        Z = fast._augment(torch.as_tensor(X))
+        assert fast._row_space(Z)[0].shape == (16, 16)
+        # Every block lies in the row space: projecting it there changes nothing.
+        V = torch.linalg.svd(Z, full_matrices=False).Vh.T
+        W = fast.weights_.to(torch.float64)
+        assert torch.allclose(torch.einsum("dr,er,pec->pdc", V, V, W), W, atol=1e-9)
+        with monkeypatch.context() as m:
+            m.setattr(ConvexMLPClassifier, "_row_space", lambda self, Z: None)
+            full = ConvexMLPClassifier(penalty=penalty, **kw).fit(X, y)
+        assert fast.duality_gap_ <= 1e-8 and full.duality_gap_ <= 1e-8
+        assert fast.objective_ == pytest.approx(full.objective_, rel=1e-7)
+        # (softmax ignores a shift shared by all classes)
+        F, G = fast.decision_function(X), full.decision_function(X)
+        F, G = F - F.mean(1, keepdim=True), G - G.mean(1, keepdim=True)
+        assert torch.allclose(F, G, atol=1e-4)
+    # Tall data, and the exact-ReLU program, are left as they are.
+    assert ConvexMLPClassifier()._row_space(torch.ones(10, 4)) is None
+    assert ConvexMLPClassifier(activation="relu")._row_space(torch.ones(2, 40)) is None
+
+
 def test_regressor_fits_a_relu_shaped_target():
     rng = np.random.default_rng(15)
     X = rng.standard_normal((200, 2))
