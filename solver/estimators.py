@@ -209,17 +209,19 @@ class _ConvexMLP(NeuronHead):
         return self._finish(progress)
 
     def _row_space(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(Z V, V) for an orthonormal basis V (d, r) of Z's row space, when Z has at most half
+        """(Z V, V) for an orthonormal basis V (d, r) of Z's row space, when Z has at most 3/4
         as many rows as columns (the gated program only); else None.
 
         The loss sees a block W_i only through D_i Z W_i, and projecting W_i onto the row
         space never raises its Frobenius or nuclear norm, so every optimum has W_i = V C_i and
         the program in C_i with data Z V (r <= n columns instead of d) is the same program:
         the same objective, dual constraint and iterates, at a fraction of the cost per
-        product (45 images of 1280 features: 28x fewer columns).
+        product (45 images of 1280 features: 28x fewer columns). Measured with d = 1280, 64
+        gates, 3 classes, 300 iterations: n = 800 4.70 -> 3.34 s; n = 1100 5.78 -> 5.61 s (the
+        SVD then eats most of the gain), hence the 3/4.
         """
         n, d = Z.shape
-        if self.activation != "gated_relu" or 2 * n > d:
+        if self.activation != "gated_relu" or 4 * n > 3 * d:
             return None
         U, s, Vh = torch.linalg.svd(Z.to(torch.float64), full_matrices=False)
         r = int((s > s[0] * d * torch.finfo(torch.float64).eps).sum())

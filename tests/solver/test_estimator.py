@@ -158,7 +158,7 @@ def test_float32_inputs_are_polished_to_the_certificate():
 
 
 def test_wide_data_in_its_row_space_gives_the_full_programs_solution(monkeypatch):
-    """Fewer samples than half the features: the fit runs on the row space of [X, 1] and its
+    """Fewer samples than 3/4 of the features: the fit runs on the row space of [X, 1] and its
     certificate is the full program's; with the reduction switched off, the same optimum."""
     X, y = small_problem(seed=7, n=16, d=50)
     kw = dict(gates=8, lam=0.02, random_state=0, tol=1e-8, max_iter=20000)
