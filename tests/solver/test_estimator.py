@@ -184,6 +184,31 @@ def test_wide_data_in_its_row_space_gives_the_full_programs_solution(monkeypatch
     assert ConvexMLPClassifier(activation="relu")._row_space(torch.ones(2, 40)) is None
 
 
+def test_the_float32_phase_leaves_float64_at_least_half_the_iterations(monkeypatch):
+    # A float32 certificate can stall above its tol at small lam; the float64 phase used to
+    # get whatever it left, which could be nothing (all 5000 iterations spent in float32).
+    import solver.workingset as ws
+
+    X, y = small_problem(seed=3)
+    phases = []
+    real = ws._solve_phase
+
+    def recording(problem, W, b, tol, budget, *args):
+        out = real(problem, W, b, tol, budget, *args)
+        phases.append((problem.Y.dtype, budget, out[3]))
+        return out
+
+    monkeypatch.setattr(ws, "_solve_phase", recording)
+    with pytest.warns(ConvergenceWarning):  # tol 1e-14 is out of reach on purpose
+        ConvexMLPClassifier(gates=6, lam=1e-4, tol=1e-14, max_iter=400, random_state=0).fit(
+            X.astype(np.float32), y
+        )
+    (low, low_budget, low_used), (high, high_budget, high_used) = phases
+    assert (low, high) == (torch.float32, torch.float64)
+    assert low_budget == 200 and low_used <= 200
+    assert high_budget == 400 - low_used >= 200 and high_used == high_budget
+
+
 def test_regressor_fits_a_relu_shaped_target():
     rng = np.random.default_rng(15)
     X = rng.standard_normal((200, 2))
