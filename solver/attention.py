@@ -242,9 +242,7 @@ class ConvexAttentionClassifier(ClassifierMixin, ConvexHead):
         def solve_at(lam: float):
             nonlocal W, b
             prob = Problem(op, Y[tr], loss, pen, lam, self.fit_intercept)
-            res = solve(
-                prob, W, b, tol=max(self.tol, 1e-4), max_iter=self.max_iter, working_set=False
-            )
+            res = solve(prob, W, b, working_set=False, **self._path_limits())
             W, b = res.W.to(Y.dtype), res.b.to(Y.dtype)
             F = op_val.matvec(res.W.to(torch.float64)) + res.b.to(torch.float64)
             return float((F.argmax(1) == Y[val].argmax(1)).to(torch.float64).mean()), res.cert, W

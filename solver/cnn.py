@@ -328,9 +328,8 @@ class ConvexCNNClassifier(ClassifierMixin, NeuronHead):
                 prob,
                 W,
                 b,
-                tol=max(self.tol, 1e-4),
-                max_iter=self.max_iter,
                 working_set=self.working_set,
+                **self._path_limits(),
             )
             W, b = res.W.to(Y.dtype), res.b.to(Y.dtype)
             pred = (val_op.matvec(W) + b).argmax(dim=1)

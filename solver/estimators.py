@@ -265,9 +265,8 @@ class _ConvexMLP(NeuronHead):
                 prob,
                 W,
                 b,
-                tol=max(self.tol, 1e-4),
-                max_iter=self.max_iter,
                 working_set=self.working_set,
+                **self._path_limits(),
             )
             W, b = res.W.to(Z.dtype), res.b.to(Z.dtype)
             F = GatedOperator(Z[val], masks[val]).matvec(W) + b

@@ -209,6 +209,25 @@ def test_the_float32_phase_leaves_float64_at_least_half_the_iterations(monkeypat
     assert high_budget == 400 - low_used >= 200 and high_used == high_budget
 
 
+def test_lam_path_points_stop_at_a_fifth_of_max_iter(monkeypatch):
+    import solver.estimators as est_mod
+
+    calls = []
+    real = est_mod.solve
+
+    def recording(problem, W, b, **kw):
+        calls.append((kw["tol"], kw["max_iter"]))
+        return real(problem, W, b, **kw)
+
+    monkeypatch.setattr(est_mod, "solve", recording)
+    X, y = small_problem(seed=5)
+    clf = ConvexMLPClassifier(gates=6, lam="auto", n_lams=4, max_iter=1000, random_state=0)
+    clf.fit(X, y)
+    assert calls[:4] == [(1e-4, 200)] * 4  # the path: enough to rank lam
+    assert calls[4:] == [(1e-6, 1000)]  # the fit at the chosen lam: the full budget
+    assert clf.duality_gap_ <= 1e-6
+
+
 def test_regressor_fits_a_relu_shaped_target():
     rng = np.random.default_rng(15)
     X = rng.standard_normal((200, 2))
