@@ -40,7 +40,10 @@ class ConvexHead:
         validation score: a gap of 1e-4 is plenty, and a point that stalls above it stops at a
         fifth of max_iter (45 Lite0 embeddings, nuclear: one such point took all 5000
         iterations, over half of the whole fit)."""
-        return {"tol": max(self.tol, 1e-4), "max_iter": max(100, self.max_iter // 5)}
+        return {
+            "tol": max(self.tol, 1e-4),
+            "max_iter": min(self.max_iter, max(100, self.max_iter // 5)),
+        }
 
     # -- parameters ---------------------------------------------------------------------------
     def get_params(self, deep: bool = True) -> dict[str, Any]:

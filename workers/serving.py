@@ -304,8 +304,9 @@ class Server:
         return self.backbones.get_or_load(backbone, load)
 
     def _warm_shapes(self, backbone: str, batcher: Batcher) -> None:
-        """One forward per padded batch size, through the batcher's own threads (PyTorch keeps
-        some of cuDNN's choices per thread). Requests wait for the backbone meanwhile."""
+        """One forward per padded batch size, through the batcher's own threads (in case
+        PyTorch keeps some of cuDNN's choices per thread). Requests wait for the backbone
+        meanwhile."""
         import time
 
         from PIL import Image
