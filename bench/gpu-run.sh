@@ -7,8 +7,8 @@
 #   3. bench/heads.py --convex-only on the GPU (real Lite0 feature maps of Fashion-MNIST);
 #   4. bench/serve.py on the GPU.
 # Run from the repository root: bash bench/gpu-run.sh. GPU_PARTS=tests,serve picks parts and
-# GPU_ROWS_S / GPU_HEADS_S / GPU_SERVE_S set their time limits (the rows part needs about 240 s
-# on an H200 to reach the pipeline rows). Logs and JSON go to $OUT (default bench/results/gpu).
+# GPU_ROWS_S / GPU_HEADS_S / GPU_SERVE_S set their time limits (on an H200 the solver rows
+# alone took about 100 s and the forward rows about 50). Logs and JSON go to $OUT (default bench/results/gpu).
 # Python packages missing there can be carried as wheels in .whl/, and Fashion-MNIST's four
 # files in .fmnist/ (both git-ignored).
 set -u
@@ -47,7 +47,7 @@ PYTHONPATH=$STUB${PYTHONPATH:-} part tests 100 python3 -m pytest -q -p no:cachep
   tests/solver/test_estimator.py tests/solver/test_cnn.py tests/solver/test_attention.py \
   tests/workers/test_extract.py
 part head-kinds 100 python3 -m pytest -q -p no:cacheprovider tests/app/test_head_kinds.py
-part rows "${GPU_ROWS_S:-150}" python3 bench/gpu.py --out "$OUT/gpu.json" --pipeline-n 2048
+part rows "${GPU_ROWS_S:-240}" python3 bench/gpu.py --out "$OUT/gpu.json" --pipeline-n 2048
 part heads "${GPU_HEADS_S:-150}" python3 bench/heads.py --device cuda --convex-only \
   --out "$OUT/heads.json"
 # cvxtune first: the bare endpoint's concurrent forwards on one GPU can stall for seconds.

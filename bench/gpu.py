@@ -189,17 +189,21 @@ def main() -> None:
         "vit_tiny_patch16_224",
         "vit_small_patch16_224",
     ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Extraction first (the solver's certificate rows take minutes), and the JSON rewritten
+    # after each part, so a run stopped by its time limit keeps what it finished.
+    if cuda and "forward" in parts:
+        result["forward"] = forward_rows("cuda", names, args.quick)
+        out.write_text(json.dumps(result, indent=2))
+    if cuda and "pipeline" in parts:
+        n = args.pipeline_n or (512 if args.quick else 4096)
+        result["pipeline"] = pipeline_rows("cuda", names, n)
+        out.write_text(json.dumps(result, indent=2))
     if "solver" in parts:
         result["solver"] = solver_rows(
             ["cuda", "cpu"] if cuda else ["cpu"], args.quick, args.shrink
         )
-    if cuda and "forward" in parts:
-        result["forward"] = forward_rows("cuda", names, args.quick)
-    if cuda and "pipeline" in parts:
-        n = args.pipeline_n or (512 if args.quick else 4096)
-        result["pipeline"] = pipeline_rows("cuda", names, n)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
 
