@@ -47,7 +47,12 @@ def fista(
     check_every: int = 10,
     extrapolate_dual: bool = True,
     callback: Callable[[int, Certificate], None] | None = None,
+    stall: int = 0,
 ) -> FistaResult:
+    """Accelerated proximal gradient until the relative gap is at most tol or max_iter.
+
+    With ``stall`` > 0 it also stops once the gap has not halved for that many iterations
+    (for a low-precision phase, whose certificate can stall above its tol)."""
     loss, Y = problem.loss, problem.Y
     slack = 64 * torch.finfo(W.dtype).eps
     AW = problem.forward(W)
@@ -60,6 +65,7 @@ def fista(
     converged = cert.gap <= tol
     extrapolate = isinstance(loss, SquaredLoss) and extrapolate_dual
     history: list[torch.Tensor] = []
+    best_gap, best_at = cert.gap, 0
     while not converged and it < max_iter:
         it += 1
         fz = problem.smooth_value(AZ, bz)
@@ -92,6 +98,10 @@ def fista(
             if callback is not None:
                 callback(it, cert)
             converged = cert.gap <= tol
+            if cert.gap <= 0.5 * best_gap:
+                best_gap, best_at = cert.gap, it
+            elif stall and it - best_at >= stall:
+                break
     if it % check_every and it != max_iter:
         cert = certificate(problem, W, b, AW)
         converged = cert.gap <= tol

@@ -184,29 +184,59 @@ def test_wide_data_in_its_row_space_gives_the_full_programs_solution(monkeypatch
     assert ConvexMLPClassifier(activation="relu")._row_space(torch.ones(2, 40)) is None
 
 
-def test_the_float32_phase_leaves_float64_at_least_half_the_iterations(monkeypatch):
-    # A float32 certificate can stall above its tol at small lam; the float64 phase used to
-    # get whatever it left, which could be nothing (all 5000 iterations spent in float32).
+def test_fista_stops_when_its_gap_stalls_if_asked():
+    from solver.fista import fista
+    from solver.losses import CrossEntropyLoss
+    from solver.operator import GatedOperator
+    from solver.patterns import compute_patterns
+    from solver.penalties import GroupNuclear
+    from solver.problem import Problem
+
+    X, y = small_problem(seed=3)
+    Z = torch.as_tensor(np.c_[X, np.ones(len(X))], dtype=torch.float32)
+    G = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    prob = Problem(
+        GatedOperator(Z, compute_patterns(Z, G)),
+        torch.as_tensor(np.eye(3)[y], dtype=torch.float32),
+        CrossEntropyLoss(),
+        GroupNuclear(),
+        1e-3,
+        True,
+    )
+    W0 = torch.zeros(6, 4, 3)
+    # tol 0 is never met: without `stall` FISTA runs to max_iter; with it, it stops once the
+    # float32 gap has stopped halving, long before.
+    plain = fista(prob, W0, prob.zero_bias(), tol=0.0, max_iter=3000)
+    stalled = fista(prob, W0, prob.zero_bias(), tol=0.0, max_iter=3000, stall=100)
+    assert plain.n_iter == 3000
+    assert stalled.n_iter < 3000 and not stalled.converged
+    assert stalled.cert.gap < 1e-2  # it stopped on a plateau, not at the start
+
+
+def test_a_stalled_float32_phase_hands_the_rest_to_float64(monkeypatch):
+    # A float32 certificate can stall above its tol at small lam; the float64 phase used to get
+    # whatever it left, which could be nothing (all 5000 iterations spent in float32).
     import solver.workingset as ws
 
+    monkeypatch.setattr(ws, "LOW_PRECISION_TOL", 1e-13)  # out of float32's reach
+    monkeypatch.setattr(ws, "LOW_PRECISION_STALL", 100)
     X, y = small_problem(seed=3)
     phases = []
     real = ws._solve_phase
 
     def recording(problem, W, b, tol, budget, *args):
         out = real(problem, W, b, tol, budget, *args)
-        phases.append((problem.Y.dtype, budget, out[3]))
+        phases.append((problem.Y.dtype, budget, out[3], out[2].gap))
         return out
 
     monkeypatch.setattr(ws, "_solve_phase", recording)
+    clf = ConvexMLPClassifier(gates=6, lam=1e-3, tol=1e-14, max_iter=3000, random_state=0)
     with pytest.warns(ConvergenceWarning):  # tol 1e-14 is out of reach on purpose
-        ConvexMLPClassifier(gates=6, lam=1e-4, tol=1e-14, max_iter=400, random_state=0).fit(
-            X.astype(np.float32), y
-        )
-    (low, low_budget, low_used), (high, high_budget, high_used) = phases
+        clf.fit(X.astype(np.float32), y)
+    (low, _, low_used, low_gap), (high, high_budget, high_used, high_gap) = phases
     assert (low, high) == (torch.float32, torch.float64)
-    assert low_budget == 200 and low_used <= 200
-    assert high_budget == 400 - low_used >= 200 and high_used == high_budget
+    assert low_used < 3000 and high_budget == 3000 - low_used and high_used > 0
+    assert high_gap < low_gap  # float64 went on where float32 had stalled
 
 
 def test_lam_path_points_stop_at_a_fifth_of_max_iter(monkeypatch):
