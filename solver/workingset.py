@@ -140,7 +140,8 @@ def _polish(problem, W, b, cert, tol, budget, callback, at, fast):
 
 def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset, low=None, stall=0):
     """One precision phase. ``low``: the same program in float32 (the previous phase's), for
-    the Newton products and the first-order rounds between polishes; None: this dtype."""
+    the Newton products and the first-order rounds between polishes; None: this dtype.
+    ``stall``: FISTA's stall window (LOW_PRECISION_STALL in a phase that hands over)."""
     p = problem.op.n_gates
     cert = certificate(problem, W, b, problem.op.matvec(W))
     b = cert.b
