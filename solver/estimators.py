@@ -25,8 +25,9 @@ dropping blocks that leave the support, with short float32 first-order rounds to
 Newton cannot add (float64 inputs take the same route). The Newton systems are solved by
 conjugate gradients with a row-space (Woodbury) preconditioner that is exact up to 1e-4 when n
 x n_outputs <= 2250 (so a step costs a Cholesky factorisation of that size and one or two
-operator products) and built on a 1500-row subsample for larger n (up to 12000 x 1 or 1200 x
-10; a few more products per step), both sizes smaller with fewer than 1280 features; the gap
+operator products) and built on a 1500-row subsample for larger n (any n with one output,
+up to 1200 rows with 10 outputs; a few more products per step), both sizes smaller with fewer
+than 1280 features; the gap
 then falls to 1e-9 or below in a handful of steps. With the nuclear penalty and several outputs
 (the classifier's default) the norm is not differentiable at rank-deficient blocks and the
 solve stays first-order: moderately regularised programs reach tol=1e-6 in seconds, but at

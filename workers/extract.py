@@ -554,9 +554,9 @@ def embed_images(
         for s in range(0, len(arrays), batch_size):
             batch = torch.from_numpy(stack_uint8(arrays[s : s + batch_size], pre))
             n = len(batch)
-            if pad_batches and bucket_size(n, batch_size) > n:
-                pad = batch.new_zeros((bucket_size(n, batch_size) - n, *batch.shape[1:]))
-                batch = torch.cat([batch, pad])
+            size = bucket_size(n, batch_size) if pad_batches else n
+            if size > n:
+                batch = torch.cat([batch, batch.new_zeros((size - n, *batch.shape[1:]))])
             out[s : s + n] = forward(bb, normalize(batch), output)[:n].cpu().numpy()
     return out
 

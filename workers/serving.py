@@ -315,14 +315,12 @@ class Server:
 
         t0 = time.perf_counter()
         blank = Image.new("RGB", batcher.backbone.spec.input_size[1:][::-1])
-        for size in bucket_sizes(self.max_batch):
+        sizes = bucket_sizes(self.max_batch)
+        for size in sizes:
             for _ in range(self.runners):  # one after another, so no two sizes merge
                 batcher.submit([blank] * size).result()
         log.info(
-            "%s: %d batch shapes warmed in %.1f s",
-            backbone,
-            len(bucket_sizes(self.max_batch)),
-            time.perf_counter() - t0,
+            "%s: %d batch shapes warmed in %.1f s", backbone, len(sizes), time.perf_counter() - t0
         )
 
     def embed_images(
