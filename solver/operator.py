@@ -72,11 +72,12 @@ class GatedOperator:
         step = self._step(c)
         for s in range(0, p, step):
             e = min(p, s + step)
-            Wc = W[s:e].permute(1, 0, 2).reshape(d, (e - s) * c)
-            Z = (self.X @ Wc).view(n, e - s, c)
-            if c == 1:
-                out += (Z[:, :, 0] * self._mask(s, e)).sum(dim=1, keepdim=True)
+            if c == 1:  # (n, g) products, masked in place: no copy of W, one temporary
+                Z = self.X @ W[s:e].reshape(e - s, d).T
+                out += Z.mul_(self._mask(s, e)).sum(dim=1, keepdim=True)
             else:
+                Wc = W[s:e].permute(1, 0, 2).reshape(d, (e - s) * c)
+                Z = (self.X @ Wc).view(n, e - s, c)
                 out += torch.einsum("ngc,ng->nc", Z, self._mask(s, e))
         return out
 
@@ -90,9 +91,8 @@ class GatedOperator:
         for s in range(0, p, step):
             e = min(p, s + step)
             M = self._mask(s, e)
-            if c == 1:
-                G = self.X.T @ (M * R)  # (d, g)
-                out[s:e] = G.T.unsqueeze(-1)
+            if c == 1:  # (g, d) = (M * R)^T X, written in place
+                torch.mm((M * R).T, self.X, out=out[s:e].view(e - s, d))
             else:
                 MR = (M.unsqueeze(-1) * R.unsqueeze(1)).reshape(n, (e - s) * c)
                 out[s:e] = (self.X.T @ MR).view(d, e - s, c).permute(1, 0, 2)
