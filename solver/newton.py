@@ -63,6 +63,15 @@ FEATURES_MEASURED = 1280
 # 5.9e-7 after 1635 iterations) where plain CG stopped at 4.7e-6 after 126 s, and reached 3.1e-3
 # against 1.3e-2 at lam = 1e-3 in the same 210 s.
 MAX_CAPACITANCE = 3000
+# When conjugate gradients hit their cap, the subsample misses too much of the Hessian, and
+# the rows double for the next steps, up to this many rows x outputs (a float64 matrix of
+# 134 MB). Measured on the synthetic one-output program of bench/gpu.py (n = 20000, d = 128,
+# 512 gates, lam = 1e-3, 1 thread): the 698-row subsample hit the cap of 100 at every step
+# and the fit was not certified in 2000 iterations; a fixed 3000 rows took 33-59 iterations
+# per step at first and certified it (gap 6.0e-7) in 225 s; growing from 698 (to 1396, 2792,
+# 4096) certified it to 1.5e-8 in 305 s (1206 iterations), and lam = 1e-2 to 8.2e-9 in 140 s
+# (686 iterations, grown once). Digits and Lite0 Fashion binary tasks never hit the cap.
+MAX_GROWN_ROWS = 4096
 # The smallest relative residual asked of conjugate gradients: float32 products are accurate
 # to about this, and a Newton step this accurate still gains five digits.
 CG_FLOOR = 1e-5
@@ -81,15 +90,16 @@ REUSE_RATIO = 10
 FACTOR_DTYPE = torch.float32
 
 
-def _reuse_pays(sub) -> bool:
-    """Whether building the preconditioner costs more than REUSE_RATIO operator products
-    (flop counts: m^3 / 3 + 3 m^2 |S| c for the build, 4 n d |S| c for a product)."""
+def _reuse_pays(sub, rows: int) -> bool:
+    """Whether building the preconditioner on ``rows`` rows costs more than REUSE_RATIO
+    operator products (flop counts: m^3 / 3 + 3 m^2 |S| c for the build, 4 n d |S| c for a
+    product)."""
     if not preconditioned(sub):
         return False
     n, c = sub.Y.shape
     s = sub.op.n_gates
     d = sub.op.X.shape[1]
-    m = _precond_rows(sub) * c
+    m = rows * c
     return m**3 / 3 + 3 * m * m * s > REUSE_RATIO * 4 * n * d * s * c
 
 
@@ -106,6 +116,12 @@ def capacitance_rows(n: int, c: int, d: int = FEATURES_MEASURED) -> int:
 def _precond_rows(problem) -> int:
     n, c = problem.Y.shape
     return capacitance_rows(n, c, problem.op.X.shape[1])
+
+
+def _grown(rows: int, n: int, c: int) -> int:
+    """The subsample after conjugate gradients hit their cap: twice as many rows, at most n
+    and MAX_GROWN_ROWS / c."""
+    return max(rows, min(n, 2 * rows, MAX_GROWN_ROWS // c))
 
 
 def preconditioned(problem) -> bool:
@@ -130,6 +146,7 @@ class PolishResult:
     steps: int
     dropped: int  # blocks set to zero by the line search
     cert: Certificate | None = None  # the certificate at W, when the polish computed it
+    rows: int | None = None  # the preconditioner's rows at the end (grown when CG hit its cap)
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -169,12 +186,13 @@ class _Local:
         hb = HV.sum(dim=0).to(dtype) if fast.fit_bias else torch.zeros_like(vb)
         return hw, hb
 
-    def preconditioner(self):
-        """M^-1 for conjugate gradients, or None when the operator offers no row model."""
+    def preconditioner(self, rows: int | None = None):
+        """M^-1 for conjugate gradients on ``rows`` rows (None: `capacitance_rows`), or None
+        when the operator offers no row model."""
         if not preconditioned(self.sub):
             return None
         try:
-            return _RowPreconditioner(self, self.fast.op)
+            return _RowPreconditioner(self, self.fast.op, rows)
         except _NotPositiveDefinite:
             return None
 
@@ -196,6 +214,7 @@ def newton_polish(
     low=None,
     max_steps: int = 20,
     cg_iters: int = 100,
+    rows: int | None = None,
 ) -> PolishResult:
     """Newton-CG steps on the nonzero blocks of W, at most ``budget`` operator products.
 
@@ -204,12 +223,17 @@ def newton_polish(
     a gate outside the active set violates its dual constraint: converging further on a set
     that lacks a gate the program wants would be wasted, and the caller's first-order round
     is what adds it. ``low``: the same program in float32, for the Hessian and preconditioner
-    products (None: the program's own dtype).
+    products (None: the program's own dtype). ``rows``: the preconditioner's row subsample
+    (None: `capacitance_rows`); when conjugate gradients hit ``cg_iters`` it doubles
+    (`_grown`), and the result's ``rows`` is what the next polish of this program should use.
     """
     used, steps, dropped = 0, 0, 0
     cert = None
     low = problem if low is None else low
     pc, pc_set = None, None
+    n, c = problem.Y.shape
+    if rows is None and preconditioned(problem):
+        rows = _precond_rows(problem)
     while steps < max_steps and used < budget:
         S = torch.nonzero(torch.linalg.vector_norm(W, dim=(1, 2)) > 0).squeeze(1)
         if S.numel() == 0:
@@ -219,10 +243,14 @@ def newton_polish(
         # Rebuilt at every step (exact, CG stops after one or two products) unless the set is
         # unchanged and building costs more than REUSE_RATIO products: then the previous
         # step's, slightly stale, costs a few more (cheap) products instead.
-        if pc_set is None or not torch.equal(pc_set, S) or not _reuse_pays(m.sub):
-            pc, pc_set = m.preconditioner(), S
+        if pc_set is None or not torch.equal(pc_set, S) or not _reuse_pays(m.sub, rows or n):
+            pc, pc_set = m.preconditioner(rows), S
         dw, db, k = _cg(m.hess, m.gw, m.gb, min(cg_iters, budget - used), pc)
         used += k
+        if k == cg_iters and rows is not None and pc is not None and _grown(rows, n, c) > rows:
+            # A subsample that misses this much of the Hessian costs more in products than
+            # a larger factorisation: grow it for the next step (and the next polish).
+            rows, pc_set = _grown(rows, n, c), None
         slope = _inner(m.gw, dw) + _inner(m.gb, db)
         if k == 0 or slope >= 0:
             break
@@ -257,7 +285,7 @@ def newton_polish(
         # finds it violating the dual constraint and adds it again.
         if not n_flips and m.value - fn <= 4 * torch.finfo(W.dtype).eps * abs(m.value):
             break
-    return PolishResult(W, b, used, steps, dropped, cert)
+    return PolishResult(W, b, used, steps, dropped, cert, rows)
 
 
 class _NotPositiveDefinite(Exception):
@@ -287,12 +315,12 @@ class _RowPreconditioner:
     with A and one with A^T on those rows.
     """
 
-    def __init__(self, local: _Local, fast_op):
+    def __init__(self, local: _Local, fast_op, rows: int | None = None):
         sub, W, nrm = local.sub, local.w, local.nrm
         op, loss, lam = sub.op, sub.loss, sub.lam
         c = sub.Y.shape[1]
         s, d = W.shape[0], W.shape[1]
-        m = _precond_rows(sub)
+        m = _precond_rows(sub) if rows is None else min(rows, sub.Y.shape[0])
         J = op.sample_rows(m)
         opJ = op.take_rows(J)
         self.fastJ = fast_op.take_rows(J)

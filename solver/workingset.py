@@ -125,17 +125,17 @@ def solve(
     return SolveResult(W, b, cert, total, converged, L)
 
 
-def _polish(problem, W, b, cert, tol, budget, callback, at, fast):
+def _polish(problem, W, b, cert, tol, budget, callback, at, fast, rows=None):
     # Blocks whose dual-constraint norm is well below lam are zero at the optimum unless the
     # point is far off: start Newton without them (measured on Fashion T-shirt vs shirt at a gap
     # of 0.09: every block under 0.94 lam ended at zero). A wrong guess costs one first-order
     # round, which finds the block violating and brings it back.
     W = torch.where((cert.dual_norms < PRUNE * problem.lam).view(-1, 1, 1), 0.0, W)
-    pol = newton_polish(problem, W, b, budget=budget, tol=tol, low=fast)
+    pol = newton_polish(problem, W, b, budget=budget, tol=tol, low=fast, rows=rows)
     cert = pol.cert or certificate(problem, pol.W, pol.b, problem.forward(pol.W))
     if callback is not None:
         callback(at + pol.products, cert)
-    return pol.W, cert.b, cert, pol.products
+    return pol.W, cert.b, cert, pol.products, pol.rows
 
 
 def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset, low=None, stall=0):
@@ -153,9 +153,10 @@ def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset, l
     ws: torch.Tensor | None = None
     used, rounds, stuck, grow = 0, 0, False, 0
     fast = low if polish and low is not None and low.Y.dtype == torch.float32 else None
+    rows = None  # the Newton preconditioner's row subsample, grown by polishes that need it
     if polish and bool(W.any()):
         # A point from the low-precision phase already has its support: polish it first.
-        W, b, cert, used = _polish(problem, W, b, cert, tol, budget, callback, offset, fast)
+        W, b, cert, used, rows = _polish(problem, W, b, cert, tol, budget, callback, offset, fast)
         if cert.gap <= tol:
             return W, b, cert, used, True, L
         rounds = 1
@@ -209,8 +210,8 @@ def _solve_phase(problem, W, b, tol, budget, working_set, L, callback, offset, l
             # Kept even when the certificate got worse: blocks Newton dropped that the program
             # still wants come back in the next round, and starting that round from the
             # polished point was measured to need fewer iterations than starting from before.
-            W, b, cert, products = _polish(
-                problem, W, b, cert, tol, budget - used, callback, offset + used, fast
+            W, b, cert, products, rows = _polish(
+                problem, W, b, cert, tol, budget - used, callback, offset + used, fast, rows
             )
             used += products
             grow += cert.gap > 0.5 * before

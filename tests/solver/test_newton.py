@@ -146,6 +146,35 @@ def test_row_preconditioner_on_a_row_subsample_and_on_cross_entropy_still_helps(
     assert _cg_iterations(local, pre) < _cg_iterations(local, None) / 2
 
 
+def test_a_subsample_that_leaves_cg_at_its_cap_grows_for_the_next_steps(monkeypatch):
+    from solver import newton
+
+    prob = _problem(SquaredLoss(), 1, False, 0.01)
+    W0 = torch.zeros(prob.op.n_gates, 5, 1, dtype=torch.float64)
+    near = fista(prob, W0, prob.zero_bias(), tol=1e-2, max_iter=20000)
+    monkeypatch.setattr(newton, "EXACT_ROWS", 8)
+    monkeypatch.setattr(newton, "SUBSAMPLE_ROWS", 8)
+    monkeypatch.setattr(newton, "FEATURES_MEASURED", 5)  # no scaling by d
+    built = []
+    real = newton._RowPreconditioner.__init__
+
+    def spy(self, local, fast_op, rows=None):
+        real(self, local, fast_op, rows)
+        built.append(self.m)
+
+    monkeypatch.setattr(newton._RowPreconditioner, "__init__", spy)
+    pol = newton_polish(prob, near.W, near.b, budget=200, cg_iters=2, max_steps=3)
+    assert built[0] == 8 and pol.rows is not None and pol.rows > 8
+    assert built == sorted(built) and len(set(built)) > 1  # grown between steps
+    built.clear()
+    again = newton_polish(prob, near.W, near.b, budget=200, cg_iters=50, rows=pol.rows)
+    assert built and built[0] == pol.rows  # the next polish starts from the grown size
+    assert again.rows == pol.rows  # CG converged: no more growth
+    assert newton._grown(3000, 20_000, 1) == newton.MAX_GROWN_ROWS
+    assert newton._grown(100, 150, 1) == 150  # never beyond n
+    assert newton._grown(newton.MAX_GROWN_ROWS, 20_000, 1) == newton.MAX_GROWN_ROWS
+
+
 def test_capacitance_rows_all_then_a_subsample_keeping_a_quarter_with_several_outputs():
     from solver.newton import EXACT_ROWS, SUBSAMPLE_ROWS, capacitance_rows
 
