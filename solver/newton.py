@@ -310,9 +310,9 @@ class _RowPreconditioner:
     complement, from c extra products). With all rows, M^-1 H = I up to about 1 - KAPPA
     (measured on digits: relative error 4e-4, against 2e-2 at KAPPA = 0.99, for an H of
     condition number 4e4), so CG converges in one or two products. Beyond EXACT_ROWS rows x
-    outputs, B uses a fixed random subset of m rows (`capacitance_rows`, divided by sqrt(m)),
-    a subsampled Hessian. Building costs O(m^2 (|S| c + m c^3)); each application one product
-    with A and one with A^T on those rows.
+    outputs, B uses a fixed random subset of m rows (`capacitance_rows`, or ``rows`` once the
+    polish has grown it; divided by sqrt(m)), a subsampled Hessian. Building costs
+    O(m^2 (|S| c + m c^3)); each application one product with A and one with A^T on those rows.
     """
 
     def __init__(self, local: _Local, fast_op, rows: int | None = None):
