@@ -8,6 +8,7 @@ Parts:
   pyscnn   binary tasks, squared loss, group-L2 (Frobenius) penalty, no intercept, the same
            gate matrix on both sides: time, final objective (evaluated here by one function,
            `objective_squared`), cvxtune's time to first reach pyscnn's objective, its gap.
+           `--repeat K` fits each side K times and reports the fastest of each.
   adam     nonconvex two-layer ReLU head, as wide as the neurons the convex (cross-entropy,
            nuclear) fit kept, trained with Adam over 5 learning rates x 3 seeds on the same
            objective CE + lam/2 (||W1||^2 + ||W2||^2): time to reach the convex objective.
