@@ -70,8 +70,15 @@ MAX_CAPACITANCE = 3000
 # and the fit was not certified in 2000 iterations; a fixed 3000 rows took 33-59 iterations
 # per step at first and certified it (gap 6.0e-7) in 225 s; growing from 698 (to 1396, 2792,
 # 4096) certified it to 1.5e-8 in 305 s (1206 iterations), and lam = 1e-2 to 8.2e-9 in 140 s
-# (686 iterations, grown once). Digits and Lite0 Fashion binary tasks never hit the cap.
+# (686 iterations, grown once). Digits and Lite0 Fashion binary tasks never hit the cap. With
+# GROW_CG below: 8.3e-7 in 313 s (1080 iterations) at lam = 1e-3.
 MAX_GROWN_ROWS = 4096
+# ... and it grows once CG takes this many iterations (with all rows it takes one or two).
+# Digits even vs odd (552 of 1347 rows, CG 22-45 per step near the end): 20 took 294
+# iterations and 0.82-0.90 s against 398 and 1.02-1.03 s when growing only at the cap (best of
+# 11, two rounds each); 12 took 257 iterations in about the same time, but made Lite0 tops vs
+# rest (1500 of 10000 rows, CG at most 18 per step, unchanged with 20) 8 % slower.
+GROW_CG = 20
 # The smallest relative residual asked of conjugate gradients: float32 products are accurate
 # to about this, and a Newton step this accurate still gains five digits.
 CG_FLOOR = 1e-5
@@ -224,8 +231,9 @@ def newton_polish(
     that lacks a gate the program wants would be wasted, and the caller's first-order round
     is what adds it. ``low``: the same program in float32, for the Hessian and preconditioner
     products (None: the program's own dtype). ``rows``: the preconditioner's row subsample
-    (None: `capacitance_rows`); when conjugate gradients hit ``cg_iters`` it doubles
-    (`_grown`), and the result's ``rows`` is what the next polish of this program should use.
+    (None: `capacitance_rows`); when conjugate gradients take GROW_CG iterations or hit
+    ``cg_iters`` it doubles (`_grown`), and the result's ``rows`` is what the next polish of
+    this program should use.
     """
     used, steps, dropped = 0, 0, 0
     cert = None
@@ -247,7 +255,8 @@ def newton_polish(
             pc, pc_set = m.preconditioner(rows), S
         dw, db, k = _cg(m.hess, m.gw, m.gb, min(cg_iters, budget - used), pc)
         used += k
-        if k == cg_iters and rows is not None and pc is not None and _grown(rows, n, c) > rows:
+        grow = k >= min(cg_iters, GROW_CG) and pc is not None and rows is not None
+        if grow and _grown(rows, n, c) > rows:
             # A subsample that misses this much of the Hessian costs more in products than
             # a larger factorisation: grow it for the next step (and the next polish).
             rows, pc_set = _grown(rows, n, c), None

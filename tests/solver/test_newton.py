@@ -170,6 +170,20 @@ def test_a_subsample_that_leaves_cg_at_its_cap_grows_for_the_next_steps(monkeypa
     again = newton_polish(prob, near.W, near.b, budget=200, cg_iters=50, rows=pol.rows)
     assert built and built[0] == pol.rows  # the next polish starts from the grown size
     assert again.rows == pol.rows  # CG converged: no more growth
+    # Below the cap, GROW_CG iterations grow it too.
+    ks = []
+    real_cg = newton._cg
+
+    def cg(*args, **kwargs):
+        out = real_cg(*args, **kwargs)
+        ks.append(out[2])
+        return out
+
+    monkeypatch.setattr(newton, "_cg", cg)
+    monkeypatch.setattr(newton, "GROW_CG", 2)
+    built.clear()
+    pol = newton_polish(prob, near.W, near.b, budget=5000, cg_iters=1000, max_steps=1)
+    assert 2 <= ks[0] < 1000 and built == [8] and pol.rows == 16
     assert newton._grown(3000, 20_000, 1) == newton.MAX_GROWN_ROWS
     assert newton._grown(100, 150, 1) == 150  # never beyond n
     assert newton._grown(newton.MAX_GROWN_ROWS, 20_000, 1) == newton.MAX_GROWN_ROWS
