@@ -255,11 +255,12 @@ def newton_polish(
             pc, pc_set = m.preconditioner(rows), S
         dw, db, k = _cg(m.hess, m.gw, m.gb, min(cg_iters, budget - used), pc)
         used += k
-        grow = k >= min(cg_iters, GROW_CG) and pc is not None and rows is not None
-        if grow and _grown(rows, n, c) > rows:
+        if rows is not None and pc is not None and k >= min(cg_iters, GROW_CG):
             # A subsample that misses this much of the Hessian costs more in products than
             # a larger factorisation: grow it for the next step (and the next polish).
-            rows, pc_set = _grown(rows, n, c), None
+            bigger = _grown(rows, n, c)
+            if bigger > rows:
+                rows, pc_set = bigger, None
         slope = _inner(m.gw, dw) + _inner(m.gb, db)
         if k == 0 or slope >= 0:
             break
