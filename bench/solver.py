@@ -262,7 +262,7 @@ def _pyscnn_worker(inp: str, out: str) -> None:
     z = np.load(inp)
     X, y, G, lam = z["X"], z["y"], z["G"], float(z["lam"])
     times = []
-    for _ in range(int(z["repeat"]) if "repeat" in z.files else 1):  # the same fit, afresh
+    for _ in range(int(z["repeat"])):  # the same fit, afresh
         model = ConvexGatedReLU(G, c=1)
         metrics = Metrics()
         t0 = time.perf_counter()
@@ -399,7 +399,7 @@ def bench_pyscnn(datasets: dict, args) -> list[dict]:
                     pred = ((T["Xte"] @ Wp.T) * ((T["Xte"] @ Gp) > 0)).sum(axis=1)
                     base |= {
                         "pyscnn_seconds": float(ps["seconds"]),
-                        "pyscnn_all_seconds": [float(t) for t in ps.get("all_seconds", [])],
+                        "pyscnn_all_seconds": [float(t) for t in ps["all_seconds"]],
                         "pyscnn_objective": obj_ps,
                         "pyscnn_iters_logged": len(ps["own_objective"]),
                         "pyscnn_own_final_objective": float(ps["own_objective"][-1]),

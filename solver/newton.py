@@ -126,8 +126,8 @@ def _precond_rows(problem) -> int:
 
 
 def _grown(rows: int, n: int, c: int) -> int:
-    """The subsample after conjugate gradients hit their cap: twice as many rows, at most n
-    and MAX_GROWN_ROWS / c."""
+    """The subsample after conjugate gradients took GROW_CG iterations or hit their cap: twice
+    as many rows, at most n and MAX_GROWN_ROWS / c."""
     return max(rows, min(n, 2 * rows, MAX_GROWN_ROWS // c))
 
 
@@ -153,7 +153,7 @@ class PolishResult:
     steps: int
     dropped: int  # blocks set to zero by the line search
     cert: Certificate | None = None  # the certificate at W, when the polish computed it
-    rows: int | None = None  # the preconditioner's rows at the end (grown when CG hit its cap)
+    rows: int | None = None  # the preconditioner's rows at the end (grown when CG was slow)
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
