@@ -36,8 +36,8 @@ BATCH_SIZES = (8, 16, 32, 64)
 # name -> (decoding processes, where uint8 -> float happens)
 STAGES = ("decode", "resize_crop", "normalize", "preprocessing", "forward", "ceiling_ratio")
 PIPELINES = {
-    "w0": (0, "main"),
-    "w1": (1, "main"),  # the default on 2 cores
+    "w0": (0, "main"),  # the default for a CPU forward on 2 cores
+    "w1": (1, "main"),
     "w1-workers": (1, "workers"),
     "w2": (2, "main"),
 }

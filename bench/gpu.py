@@ -146,7 +146,7 @@ def pipeline_rows(device: str, names: list[str], n: int) -> list[dict]:
         zpath = Path(tmp) / "images.zip"
         make_zip(zpath, n)
         for name in names:
-            for workers in dict.fromkeys([default_num_workers(), usable_cpus()]):
+            for workers in dict.fromkeys([default_num_workers(device), usable_cpus()]):
                 # warm-up (cuDNN's algorithm choice, page cache)
                 extract(zpath, name, device=device, allow_random=True, num_workers=workers)
                 t = time.perf_counter()

@@ -201,9 +201,19 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1  # not on Linux
 
 
-def default_num_workers() -> int:
-    """One decoding process per two cores, so decoding overlaps the forward (bench/README.md)."""
-    return max(1, min(8, usable_cpus() // 2))
+def default_num_workers(device_kind: str) -> int:
+    """Decoding processes: one per two cores, so decoding overlaps the forward, except for a
+    CPU forward on two cores or fewer, which decodes in this process.
+
+    There the forward's two OpenMP threads want both cores, and a decoding process that takes
+    one of them stalls every parallel region: measured on a 2-core VM (bench/README.md), one
+    worker reached 0.47-0.59 of the bare forward of mobilenetv3_small_100 and 0.74-0.85 of
+    tf_efficientnet_lite0's, decoding in this process 0.75-0.80 and 0.91-0.98.
+    """
+    cpus = usable_cpus()
+    if device_kind == "cpu" and cpus <= 2:
+        return 0
+    return max(1, min(8, cpus // 2))
 
 
 def _loader(batches: _Batches, num_workers: int, pin: bool) -> Iterable[Any]:
@@ -451,7 +461,7 @@ def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> d
 
     device_kind = bb.device.type
     batch_size = opts.batch_size or DEFAULT_BATCH_SIZE.get(device_kind, 32)
-    workers = default_num_workers() if opts.num_workers is None else opts.num_workers
+    workers = default_num_workers(device_kind) if opts.num_workers is None else opts.num_workers
     normalize = Normalizer(bb.spec.preprocessing, bb.device)
     # Measured (bench/README.md): shipping uint8 and normalising here into a reused buffer
     # costs less CPU per image than shipping float batches through shared memory.

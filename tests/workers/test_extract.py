@@ -209,3 +209,12 @@ def test_cuda_autocast_agrees_with_cpu(small_zip):
     assert gpu.X.dtype == np.float32
     cos = (cpu.X * gpu.X).sum(1) / np.linalg.norm(cpu.X, axis=1) / np.linalg.norm(gpu.X, axis=1)
     assert cos.min() > 0.99  # bf16/fp16 autocast, not bit-identical
+
+
+def test_a_cpu_forward_on_two_cores_decodes_in_process(monkeypatch):
+    import workers.extract as ex
+
+    for cpus, cpu_workers, cuda_workers in [(1, 0, 1), (2, 0, 1), (4, 2, 2), (64, 8, 8)]:
+        monkeypatch.setattr(ex, "usable_cpus", lambda c=cpus: c)
+        assert ex.default_num_workers("cpu") == cpu_workers
+        assert ex.default_num_workers("cuda") == cuda_workers
