@@ -218,3 +218,23 @@ def test_a_cpu_forward_on_two_cores_decodes_in_process(monkeypatch):
         monkeypatch.setattr(ex, "usable_cpus", lambda c=cpus: c)
         assert ex.default_num_workers("cpu") == cpu_workers
         assert ex.default_num_workers("cuda") == cuda_workers
+
+
+def test_normalizer_is_timms_normalisation_for_grey_and_rgb_batches():
+    import torch
+
+    from workers.backbones import CATALOGUE
+    from workers.extract import Normalizer
+
+    pre = CATALOGUE["tf_efficientnet_lite0"].preprocessing
+    mean, std = np.array(pre.mean), np.array(pre.std)
+    norm = Normalizer(pre)
+    rng = np.random.default_rng(0)
+    for shape in [(4, 224, 224, 3), (4, 224, 224, 1), (2, 224, 224, 3), (4, 224, 224, 3)]:
+        u8 = rng.integers(0, 256, shape, dtype=np.uint8)
+        for reuse in (False, True):
+            x = norm(torch.from_numpy(u8), reuse=reuse)
+            assert x.shape == (shape[0], 3, 224, 224)
+            assert x.is_contiguous(memory_format=torch.channels_last)
+            want = ((u8 / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+            np.testing.assert_allclose(x.numpy(), want, rtol=0, atol=1e-5)
