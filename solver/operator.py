@@ -72,9 +72,11 @@ class GatedOperator:
         step = self._step(c)
         for s in range(0, p, step):
             e = min(p, s + step)
-            if c == 1:  # (n, g) products, masked in place: no copy of W, one temporary
-                Z = self.X @ W[s:e].reshape(e - s, d).T
-                out += Z.mul_(self._mask(s, e)).sum(dim=1, keepdim=True)
+            if c == 1:  # (g, n) products, masked in place: no copy of W, one temporary
+                # W X^T rather than X W^T: the same flops, but up to 1.8x faster with this
+                # BLAS on tall X (n = 10000, d = 1280, float64; bench/README.md).
+                Z = torch.mm(W[s:e].reshape(e - s, d), self.X.T)
+                out += Z.mul_(self._mask(s, e).T).sum(dim=0).unsqueeze(1)
             else:
                 Wc = W[s:e].permute(1, 0, 2).reshape(d, (e - s) * c)
                 Z = (self.X @ Wc).view(n, e - s, c)
