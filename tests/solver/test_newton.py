@@ -275,3 +275,36 @@ def test_frobenius_cross_entropy_with_bias_on_a_row_subsample_certifies():
     clf.set_params(max_iter=3000).fit(X, y)
     assert clf.duality_gap_ <= 1e-6
     assert capacitance_rows(600, 2, 64) < 600  # the subsample did apply
+
+
+def test_the_first_polish_runs_in_float32_far_from_the_optimum_then_float64_certifies(
+    monkeypatch,
+):
+    import solver.workingset as ws
+
+    prob = _problem(SquaredLoss(), 1, False, 0.01, n=300, d=8)
+    W0 = torch.zeros(prob.op.n_gates, 8, 1, dtype=torch.float64)
+    start = fista(prob.to(torch.float32), W0.float(), prob.zero_bias().float(), tol=0.3,
+                  max_iter=20000)  # fmt: skip
+    W, b = start.W.double(), start.b.double()
+    cert = certificate(prob, W, b, prob.forward(W))
+    assert cert.gap > ws.FAST_POLISH_GAP
+    dtypes = []
+    real = ws.newton_polish
+
+    def recording(problem, *args, **kwargs):
+        dtypes.append(problem.Y.dtype)
+        return real(problem, *args, **kwargs)
+
+    monkeypatch.setattr(ws, "newton_polish", recording)
+    fast = prob.to(torch.float32)
+    args = (prob, W, b, cert, 1e-8, 5000, None, 0, fast)
+    W1, _, cert1, used, _ = ws._polish(*args, start=True)
+    assert dtypes[0] == torch.float32 and W1.dtype == torch.float64 and used > 0
+    if cert1.gap > ws.FAST_POLISH_GAP:  # still far: back to first-order rounds, no float64
+        assert dtypes == [torch.float32]
+    dtypes.clear()
+    ws._polish(*args)  # a later polish stays in float64
+    assert dtypes == [torch.float64]
+    result = ws.solve(prob, W, b, tol=1e-8, max_iter=5000)
+    assert result.cert.gap <= 1e-8 and result.W.dtype == torch.float64
