@@ -82,6 +82,11 @@ GROW_CG = 20
 # The smallest relative residual asked of conjugate gradients: float32 products are accurate
 # to about this, and a Newton step this accurate still gains five digits.
 CG_FLOOR = 1e-5
+# ... but no smaller than CG_SAFETY sqrt(tol / gap) when the caller knows the gap: one step at
+# that accuracy should reach tol (`_cg_rtol`). Lite0 Fashion tops vs rest (1500 of 10000 rows):
+# the last polish went from 7.2e-3 to 3.8e-7 in 16 + 7 + 19 CG iterations (3.75 s) with the
+# default rule alone, to 6.7e-7 in 16 + 4 + 10 (3.05 s) with this.
+CG_SAFETY = 0.3
 # The preconditioner is H + (1 - KAPPA) E (see _RowPreconditioner); below 1 keeps it
 # positive definite where H is nearly singular.
 KAPPA = 0.9999
@@ -222,6 +227,7 @@ def newton_polish(
     max_steps: int = 20,
     cg_iters: int = 100,
     rows: int | None = None,
+    gap: float | None = None,
 ) -> PolishResult:
     """Newton-CG steps on the nonzero blocks of W, at most ``budget`` operator products.
 
@@ -233,7 +239,7 @@ def newton_polish(
     products (None: the program's own dtype). ``rows``: the preconditioner's row subsample
     (None: `capacitance_rows`); when conjugate gradients take GROW_CG iterations or hit
     ``cg_iters`` it doubles (`_grown`), and the result's ``rows`` is what the next polish of
-    this program should use.
+    this program should use. ``gap``: the relative gap at W, when the caller knows it.
     """
     used, steps, dropped = 0, 0, 0
     cert = None
@@ -253,7 +259,8 @@ def newton_polish(
         # step's, slightly stale, costs a few more (cheap) products instead.
         if pc_set is None or not torch.equal(pc_set, S) or not _reuse_pays(m.sub, rows or n):
             pc, pc_set = m.preconditioner(rows), S
-        dw, db, k = _cg(m.hess, m.gw, m.gb, min(cg_iters, budget - used), pc)
+        rtol = _cg_rtol(m.gw, m.gb, tol, gap)
+        dw, db, k = _cg(m.hess, m.gw, m.gb, min(cg_iters, budget - used), pc, rtol)
         used += k
         if rows is not None and pc is not None and k >= min(cg_iters, GROW_CG):
             # A subsample that misses this much of the Hessian costs more in products than
@@ -282,10 +289,11 @@ def newton_polish(
         W[S] = wn
         steps += 1
         dropped += n_flips
-        cert = None
+        cert, gap = None, None
         if tol is not None and not n_flips:
             cert = certificate(problem, W, b, AWn)
             used += 1
+            gap = cert.gap
             outside = cert.dual_norms > problem.lam * (1 + 1e-6)
             outside[S] = False
             if cert.gap <= tol or bool(outside.any()):
@@ -461,6 +469,18 @@ class _BiasElimination:
 
 def _identity(vw: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vw, vb
+
+
+def _cg_rtol(gw: torch.Tensor, gb: torch.Tensor, tol: float | None, gap: float | None) -> float:
+    """CG's relative residual: min(0.1, sqrt|g|) (superlinear convergence), loosened to
+    CG_SAFETY sqrt(tol / gap) when that is enough to reach tol in one step. Near the
+    optimum the gap falls with the square of the gradient, and a step solved to a relative
+    residual r leaves a gradient about r times the current one."""
+    g = math.sqrt(_inner(gw, gw) + _inner(gb, gb))
+    rtol = max(min(0.1, math.sqrt(g)), CG_FLOOR)
+    if tol is not None and gap is not None and gap > tol:
+        rtol = max(rtol, min(0.1, CG_SAFETY * math.sqrt(tol / gap)))
+    return rtol
 
 
 def _cg(hess, gw: torch.Tensor, gb: torch.Tensor, max_iter: int, precond=None, rtol=None):

@@ -159,7 +159,9 @@ def _polish(problem, W, b, cert, tol, budget, callback, at, fast, rows=None, sta
             if callback is not None:
                 callback(at + used, cert)
             return W, b, cert, used, rows
-    pol = newton_polish(problem, W, b, budget=budget - used, tol=tol, low=fast, rows=rows)
+    pol = newton_polish(
+        problem, W, b, budget=budget - used, tol=tol, low=fast, rows=rows, gap=cert.gap
+    )
     cert = pol.cert or certificate(problem, pol.W, pol.b, problem.forward(pol.W))
     used += pol.products
     if callback is not None:

@@ -1,5 +1,7 @@
 """The Newton-CG polish: its Hessian products, and what it does to a certificate."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -308,3 +310,18 @@ def test_the_first_polish_runs_in_float32_far_from_the_optimum_then_float64_cert
     assert dtypes == [torch.float64]
     result = ws.solve(prob, W, b, tol=1e-8, max_iter=5000)
     assert result.cert.gap <= 1e-8 and result.W.dtype == torch.float64
+
+
+def test_cg_is_asked_only_for_the_accuracy_that_reaches_tol_in_one_step():
+    from solver.newton import CG_FLOOR, CG_SAFETY, _cg_rtol
+
+    g = torch.full((4, 3, 1), 1e-6, dtype=torch.float64)  # |g| = 3.5e-6
+    zero = torch.zeros(1, dtype=torch.float64)
+    default = _cg_rtol(g, zero, None, None)
+    assert default == pytest.approx(math.sqrt(math.sqrt(12) * 1e-6))
+    assert _cg_rtol(g, zero, 1e-6, None) == default  # gap unknown: the default
+    assert _cg_rtol(g, zero, 1e-6, 1e-6) == default  # already certified: the default
+    assert _cg_rtol(g, zero, 1e-6, 1e-4) == pytest.approx(CG_SAFETY * 0.1)  # loosened
+    assert _cg_rtol(g, zero, 1e-6, 1e2) == default  # far off: never tighter than the default
+    assert _cg_rtol(g, zero, 1e-6, 1e-6 * (1 + 1e-9)) == 0.1  # capped
+    assert _cg_rtol(torch.zeros_like(g), zero, None, None) == CG_FLOOR
