@@ -33,7 +33,7 @@ class FistaResult:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a * b).sum())
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
 
 def fista(
@@ -66,31 +66,42 @@ def fista(
     extrapolate = isinstance(loss, SquaredLoss) and extrapolate_dual
     history: list[torch.Tensor] = []
     best_gap, best_at = cert.gap, 0
+    bias = problem.fit_bias  # without one, b stays zero: no work on it
     while not converged and it < max_iter:
         it += 1
         fz = problem.smooth_value(AZ, bz)
         gW, gb = problem.smooth_grad(AZ, bz)
         L *= 0.9
         while True:
-            W_new = problem.prox(Z - gW / L, 1.0 / L)
-            b_new = bz - gb / L
+            W_new = problem.prox(torch.add(Z, gW, alpha=-1.0 / L), 1.0 / L)
+            b_new = bz - gb / L if bias else bz
             AW_new = problem.forward(W_new)
             f_new = problem.smooth_value(AW_new, b_new)
-            dW, db = W_new - Z, b_new - bz
-            quad = _dot(gW, dW) + _dot(gb, db) + 0.5 * L * (_dot(dW, dW) + _dot(db, db))
+            dW = W_new - Z
+            quad = _dot(gW, dW) + 0.5 * L * _dot(dW, dW)
+            if bias:
+                db = b_new - bz
+                quad += _dot(gb, db) + 0.5 * L * _dot(db, db)
             if f_new <= fz + quad + slack * abs(fz) or L > 1e30:
                 break
             L *= 2.0
-        if _dot(Z - W_new, W_new - W) + _dot(bz - b_new, b_new - b) > 0:
-            t = 1.0  # restart: the momentum pointed uphill
+        # Restart when the momentum pointed uphill: <Z - W_new, W_new - W> > 0.
+        step = W_new - W
+        uphill = -_dot(dW, step)
+        if bias:
+            uphill += _dot(bz - b_new, b_new - b)
+        if uphill > 0:
+            t = 1.0
         t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         beta = (t - 1.0) / t_new
-        Z = W_new + beta * (W_new - W)
-        AZ = AW_new + beta * (AW_new - AW)
-        bz = b_new + beta * (b_new - b)
+        Z = torch.add(W_new, step, alpha=beta)
+        AZ = torch.add(AW_new, AW_new - AW, alpha=beta)
+        if bias:
+            bz = b_new + beta * (b_new - b)
         W, AW, b, t = W_new, AW_new, b_new, t_new
         if extrapolate:
-            history.append(-loss.grad(problem.outputs(AW) + b, Y))
+            F = problem.outputs(AW)
+            history.append(-loss.grad(F + b if bias else F, Y))
             del history[: -(EXTRAPOLATION_DEPTH + 1)]
         if it % check_every == 0 or it == max_iter:
             extra = _extrapolate(history) if extrapolate else None

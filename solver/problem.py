@@ -71,12 +71,13 @@ class Problem:
         return AW
 
     def smooth_value(self, AW: torch.Tensor, b: torch.Tensor) -> float:
-        return float(self.loss.value(AW + b, self.Y))
+        return float(self.loss.value(AW + b if self.fit_bias else AW, self.Y))
 
     def smooth_grad(self, AW: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fit_bias:  # b is zero
+            return self.op.rmatvec(self.loss.grad(AW, self.Y)), torch.zeros_like(b)
         gF = self.loss.grad(AW + b, self.Y)
-        gb = gF.sum(dim=0) if self.fit_bias else torch.zeros_like(b)
-        return self.op.rmatvec(gF), gb
+        return self.op.rmatvec(gF), gF.sum(dim=0)
 
     def prox(self, V: torch.Tensor, step: float) -> torch.Tensor:
         return self.penalty.prox(V, self.lam * step)
