@@ -75,8 +75,11 @@ class GatedOperator:
         """(p, d, c) -> (n, c)."""
         p, d, c = W.shape
         n = self.X.shape[0]
-        out = torch.zeros(n, c, dtype=self.X.dtype, device=self.X.device)
         step = self._step(c)
+        if c == 1 and step >= p and d < WIDE:  # one chunk: no accumulator
+            Z = self.X @ W.reshape(p, d).T
+            return Z.mul_(self._mask(0, p)).sum(dim=1, keepdim=True)
+        out = torch.zeros(n, c, dtype=self.X.dtype, device=self.X.device)
         for s in range(0, p, step):
             e = min(p, s + step)
             if c == 1 and d >= WIDE:  # (g, n) products, masked in place: no copy of W

@@ -21,8 +21,9 @@ class GroupFrobenius:
 
     def prox(self, V: torch.Tensor, t: float) -> torch.Tensor:
         """argmin_W 1/2 ||W - V||^2 + t R(W)."""
-        nv = self.norms(V)
-        scale = (1.0 - t / nv.clamp_min(torch.finfo(V.dtype).tiny)).clamp_min(0.0)
+        # max(0, 1 - t / ||V_i||), in place on the norms
+        scale = self.norms(V).clamp_min_(torch.finfo(V.dtype).tiny).reciprocal_()
+        scale.mul_(-t).add_(1.0).clamp_min_(0.0)
         return V * scale.view(-1, 1, 1)
 
 
