@@ -56,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-image", choices=("skip", "fail"), default="skip")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=int, help="decoding processes")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        help="decoding processes (default: one per 2 cores; none for a CPU forward on 2 or fewer)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
