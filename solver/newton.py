@@ -295,9 +295,7 @@ def newton_polish(
             cert = certificate(problem, W, b, AWn)
             used += 1
             gap = cert.gap
-            outside = cert.dual_norms > problem.lam * (1 + 1e-6)
-            outside[S] = False
-            if cert.gap <= tol or bool(outside.any()):
+            if cert.gap <= tol or violated_outside(cert, S, problem.lam):
                 break
         # Stop when the decrease is at rounding level. Blocks that left the set stay out for
         # the next steps; if the program wants one back, the caller's first-order round
@@ -477,6 +475,13 @@ def _identity(vw: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return vw, vb
 
 
+def violated_outside(cert: Certificate, active: torch.Tensor, lam: float) -> bool:
+    """Whether a gate outside ``active`` (indices or a mask) violates its dual constraint."""
+    outside = cert.dual_norms > lam * (1 + 1e-6)
+    outside[active] = False
+    return bool(outside.any())
+
+
 def _cg_rtol(gw: torch.Tensor, gb: torch.Tensor, tol: float | None, gap: float | None) -> float:
     """CG's relative residual: min(0.1, sqrt|g|) (superlinear convergence), loosened to
     CG_SAFETY sqrt(tol / gap) when that is enough to reach tol in one step. Near the
@@ -491,7 +496,7 @@ def _cg_rtol(gw: torch.Tensor, gb: torch.Tensor, tol: float | None, gap: float |
 
 def _cg(hess, gw: torch.Tensor, gb: torch.Tensor, max_iter: int, precond=None, rtol=None):
     """Preconditioned conjugate gradients on H d = -g, truncated at a relative residual of
-    min(0.1, sqrt|g|) (the residual measured in the plain norm)."""
+    ``rtol`` (default `_cg_rtol`'s, min(0.1, sqrt|g|); the residual in the plain norm)."""
     if precond is None:
         precond = _identity
     xw, xb = torch.zeros_like(gw), torch.zeros_like(gb)
@@ -501,7 +506,7 @@ def _cg(hess, gw: torch.Tensor, gb: torch.Tensor, max_iter: int, precond=None, r
     rr = _inner(rw, rw) + _inner(rb, rb)
     rz = _inner(rw, zw) + _inner(rb, zb)
     if rtol is None:
-        rtol = max(min(0.1, math.sqrt(math.sqrt(rr))), CG_FLOOR)
+        rtol = _cg_rtol(gw, gb, None, None)
     target = rtol * math.sqrt(rr)
     k = 0
     while k < max_iter and math.sqrt(rr) > target and rz > 0:

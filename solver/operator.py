@@ -73,26 +73,27 @@ class GatedOperator:
 
     def matvec(self, W: torch.Tensor) -> torch.Tensor:
         """(p, d, c) -> (n, c)."""
-        p, d, c = W.shape
-        n = self.X.shape[0]
+        p, c = W.shape[0], W.shape[2]
         step = self._step(c)
-        if c == 1 and step >= p and d < WIDE:  # one chunk: no accumulator
-            Z = self.X @ W.reshape(p, d).T
-            return Z.mul_(self._mask(0, p)).sum(dim=1, keepdim=True)
-        out = torch.zeros(n, c, dtype=self.X.dtype, device=self.X.device)
+        if step >= p:  # one chunk: no accumulator
+            return self._matvec_chunk(W, 0, p)
+        out = torch.zeros(self.X.shape[0], c, dtype=self.X.dtype, device=self.X.device)
         for s in range(0, p, step):
-            e = min(p, s + step)
-            if c == 1 and d >= WIDE:  # (g, n) products, masked in place: no copy of W
-                Z = torch.mm(W[s:e].reshape(e - s, d), self.X.T)
-                out += Z.mul_(self._mask(s, e).T).sum(dim=0).unsqueeze(1)
-            elif c == 1:  # (n, g) products, masked in place
-                Z = self.X @ W[s:e].reshape(e - s, d).T
-                out += Z.mul_(self._mask(s, e)).sum(dim=1, keepdim=True)
-            else:
-                Wc = W[s:e].permute(1, 0, 2).reshape(d, (e - s) * c)
-                Z = (self.X @ Wc).view(n, e - s, c)
-                out += torch.einsum("ngc,ng->nc", Z, self._mask(s, e))
+            out += self._matvec_chunk(W, s, min(p, s + step))
         return out
+
+    def _matvec_chunk(self, W: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """The (n, c) contribution of gates s:e."""
+        d, c = W.shape[1], W.shape[2]
+        if c == 1 and d >= WIDE:  # (g, n) products, masked in place: no copy of W
+            Z = torch.mm(W[s:e].reshape(e - s, d), self.X.T)
+            return Z.mul_(self._mask(s, e).T).sum(dim=0).unsqueeze(1)
+        if c == 1:  # (n, g) products, masked in place
+            Z = self.X @ W[s:e].reshape(e - s, d).T
+            return Z.mul_(self._mask(s, e)).sum(dim=1, keepdim=True)
+        Wc = W[s:e].permute(1, 0, 2).reshape(d, (e - s) * c)
+        Z = (self.X @ Wc).view(-1, e - s, c)
+        return torch.einsum("ngc,ng->nc", Z, self._mask(s, e))
 
     def rmatvec(self, R: torch.Tensor) -> torch.Tensor:
         """(n, c) -> (p, d, c): block i is X^T diag(masks[:, i]) R."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .fista import fista
-from .newton import applies, newton_polish, preconditioned
+from .newton import applies, newton_polish, preconditioned, violated_outside
 from .problem import Certificate, Problem, certificate
 
 LOW_PRECISION_TOL = 1e-4
@@ -153,9 +153,12 @@ def _polish(problem, W, b, cert, tol, budget, callback, at, fast, rows=None, sta
         W = low.W.to(W.dtype)
         cert = certificate(problem, W, low.b.to(W.dtype), problem.forward(W))
         b = cert.b
-        outside = cert.dual_norms > problem.lam * (1 + 1e-6)
-        outside[torch.linalg.vector_norm(W, dim=(1, 2)) > 0] = False
-        if cert.gap <= tol or cert.gap > FAST_POLISH_GAP or bool(outside.any()):
+        active = torch.linalg.vector_norm(W, dim=(1, 2)) > 0
+        if (
+            cert.gap <= tol
+            or cert.gap > FAST_POLISH_GAP
+            or violated_outside(cert, active, problem.lam)
+        ):
             if callback is not None:
                 callback(at + used, cert)
             return W, b, cert, used, rows
