@@ -19,10 +19,11 @@ point built from the residual and checked on every gate, is at most ``tol``; the
 ConvergenceWarning is issued and ``duality_gap_`` says how far the result is from certified.
 Float32 inputs are solved in float32 to a gap of 1e-4, then polished in float64. With the
 Frobenius penalty (or one output) Newton-CG finishes instead: float32 accelerated
-proximal-gradient rounds find the nonzero blocks (to a gap of 0.2, or 1e-2 when the
+proximal-gradient rounds find the nonzero blocks (to a gap of 0.3, or 1e-2 when the
 preconditioner below does not apply), then float64 Newton steps on those blocks converge fast,
-dropping blocks that leave the support, with short float32 first-order rounds to bring in gates
-Newton cannot add (float64 inputs take the same route). The Newton systems are solved by
+dropping blocks that leave the support and bringing in gates that violate the dual constraint
+with a proximal-gradient step on them; short float32 first-order rounds remain for a support
+that keeps changing (float64 inputs take the same route). The Newton systems are solved by
 conjugate gradients with a row-space (Woodbury) preconditioner that is exact up to 1e-4 when n
 x n_outputs <= 2250 (so a step costs a Cholesky factorisation of that size and one or two
 operator products) and built on a 1500-row subsample for larger n (any n with one output,

@@ -19,8 +19,11 @@ H v = A_S^T (hess f) A_S v + lam * (v_i - u_i <u_i, v_i>) / ||W_i||   (u_i = W_i
 
 The line search keeps the step honest: a block whose step points through zero (the new block
 has a non-positive inner product with the old one) is set to zero, since it should leave the
-active set, and the step is halved until phi decreases enough. Newton cannot add gates: the
-caller alternates it with first-order rounds on the working set, which do.
+active set, and the step is halved until phi decreases enough. Newton cannot start a zero
+block (phi is not differentiable there): when the certificate shows gates outside the set
+violating their dual constraint, one proximal-gradient step on those blocks brings them in
+(``_activate``, up to ``max_activations`` times a polish), and the caller's first-order rounds
+on the working set do the rest.
 
 Applies to the group-Frobenius penalty (any number of outputs) and to the nuclear penalty with
 one output (where the two coincide); the nuclear norm of a rank-deficient block is not
@@ -229,6 +232,7 @@ def newton_polish(
     cg_iters: int = 100,
     rows: int | None = None,
     gap: float | None = None,
+    max_activations: int = 0,
 ) -> PolishResult:
     """Newton-CG steps on the nonzero blocks of W, at most ``budget`` operator products.
 
@@ -242,7 +246,7 @@ def newton_polish(
     ``cg_iters`` it doubles (`_grown`), and the result's ``rows`` is what the next polish of
     this program should use. ``gap``: the relative gap at W, when the caller knows it.
     """
-    used, steps, dropped = 0, 0, 0
+    used, steps, dropped, activated = 0, 0, 0, 0
     cert = None
     low = problem if low is None else low
     pc, pc_set = None, None
@@ -258,16 +262,18 @@ def newton_polish(
         # Rebuilt at every step (exact, CG stops after one or two products) unless the set is
         # unchanged and building costs more than REUSE_RATIO products: then the previous
         # step's, slightly stale, costs a few more (cheap) products instead.
-        if pc_set is None or not torch.equal(pc_set, S) or not _reuse_pays(m.sub, rows or n):
+        fresh = pc_set is None or not torch.equal(pc_set, S) or not _reuse_pays(m.sub, rows or n)
+        if fresh:
             pc, pc_set = m.preconditioner(rows), S
         rtol = _cg_rtol(m.gw, m.gb, tol, gap)
         dw, db, k = _cg(m.hess, m.gw, m.gb, min(cg_iters, budget - used), pc, rtol)
         used += k
         if rows is not None and pc is not None and k >= min(cg_iters, GROW_CG):
             # A subsample that misses this much of the Hessian costs more in products than
-            # a larger factorisation: grow it for the next step (and the next polish).
-            bigger = _grown(rows, n, c)
-            if bigger > rows:
+            # a larger factorisation: grow it for the next step (and the next polish). A
+            # kept preconditioner that did this badly is only stale: rebuild it, same rows.
+            bigger = _grown(rows, n, c) if fresh else rows
+            if bigger > rows or not fresh:
                 rows, pc_set = bigger, None
         slope = _inner(m.gw, dw) + _inner(m.gb, db)
         if k == 0 or slope >= 0:
@@ -295,8 +301,16 @@ def newton_polish(
             cert = certificate(problem, W, b, AWn)
             used += 1
             gap = cert.gap
-            if cert.gap <= tol or violated_outside(cert, S, problem.lam):
+            if cert.gap <= tol:
                 break
+            if violated_outside(cert, S, problem.lam):
+                if activated >= max_activations:
+                    break
+                W = _activate(problem, W, b, cert, S, AWn)
+                activated += 1
+                used += 1
+                cert, gap = None, None
+                continue
         # Stop when the decrease is at rounding level. Blocks that left the set stay out for
         # the next steps; if the program wants one back, the caller's first-order round
         # finds it violating the dual constraint and adds it again.
@@ -480,6 +494,34 @@ def violated_outside(cert: Certificate, active: torch.Tensor, lam: float) -> boo
     outside = cert.dual_norms > lam * (1 + 1e-6)
     outside[active] = False
     return bool(outside.any())
+
+
+def _activate(problem, W, b, cert: Certificate, S: torch.Tensor, AW: torch.Tensor) -> torch.Tensor:
+    """W with the gates outside S that violate their dual constraint brought in by one
+    proximal-gradient step on those blocks, its length minimising the loss's quadratic model
+    along it (one product with A and one with its adjoint, on the violating gates only).
+
+    For a zero block the prox-gradient direction is -(1 - lam / ||g_v||) g_v, g_v the block's
+    gradient (its norm is the dual-constraint norm, above lam). Newton then turns and scales
+    the new blocks with the rest; it cannot start them itself, as phi is not differentiable
+    at a zero block.
+    """
+    lam = problem.lam
+    outside = cert.dual_norms > lam * (1 + 1e-6)
+    outside[S] = False
+    V = torch.nonzero(outside).squeeze(1)
+    sub = problem.restrict(V)
+    G = -sub.op.rmatvec(cert.theta)  # the violators' gradient blocks
+    scale = 1.0 - lam / cert.dual_norms[V]
+    D = -scale.view(-1, 1, 1) * G
+    a = sub.forward(D)
+    F = problem.outputs(AW) + b
+    curv = _inner(a, problem.loss.hess_vec(F, problem.Y, a))
+    slope = _inner(G, D) + lam * float(torch.linalg.vector_norm(D, dim=(1, 2)).sum())
+    W = W.clone()
+    if curv > 0 and slope < 0:
+        W[V] = (-slope / curv) * D
+    return W
 
 
 def _cg_rtol(gw: torch.Tensor, gb: torch.Tensor, tol: float | None, gap: float | None) -> float:

@@ -325,3 +325,45 @@ def test_cg_is_asked_only_for_the_accuracy_that_reaches_tol_in_one_step():
     assert _cg_rtol(g, zero, 1e-6, 1e2) == default  # far off: never tighter than the default
     assert _cg_rtol(g, zero, 1e-6, 1e-6 * (1 + 1e-9)) == 0.1  # capped
     assert _cg_rtol(torch.zeros_like(g), zero, None, None) == CG_FLOOR
+
+
+@pytest.mark.parametrize(("loss", "c"), [(SquaredLoss(), 1), (CrossEntropyLoss(), 3)])
+def test_gates_outside_the_set_are_brought_in_by_a_prox_step_and_newton_certifies(loss, c):
+    from solver.newton import _activate
+
+    prob = _problem(loss, c, False, 0.02)
+    W0 = torch.zeros(prob.op.n_gates, 5, c, dtype=torch.float64)
+    opt = fista(prob, W0, prob.zero_bias(), tol=1e-9, max_iter=50000)
+    active = torch.nonzero(torch.linalg.vector_norm(opt.W, dim=(1, 2)) > 0).squeeze(1)
+    assert active.numel() >= 3
+    # Drop the two largest optimal blocks: Newton on the rest cannot bring them back.
+    big = active[torch.linalg.vector_norm(opt.W[active], dim=(1, 2)).argsort()[-2:]]
+    W = opt.W.clone()
+    W[big] = 0
+    b = prob.zero_bias()
+    cert = certificate(prob, W, b, prob.forward(W))
+    S = torch.nonzero(torch.linalg.vector_norm(W, dim=(1, 2)) > 0).squeeze(1)
+    assert bool((cert.dual_norms[big] > prob.lam).all())
+    # One prox step on the violators: they become nonzero, along minus their gradient; the
+    # set and the gates that do not violate stay as they were; the objective falls.
+    stepped = _activate(prob, W, b, cert, S, prob.forward(W))
+    grad = prob.op.restrict(big).rmatvec(loss.grad(prob.forward(W), prob.Y))
+    cos = (stepped[big] * -grad).sum(dim=(1, 2)) / (
+        torch.linalg.vector_norm(stepped[big], dim=(1, 2))
+        * torch.linalg.vector_norm(grad, dim=(1, 2))
+    )
+    assert torch.allclose(cos, torch.ones_like(cos))
+    keep = cert.dual_norms <= prob.lam
+    keep[S] = True
+    assert not bool(keep[big].any())
+    assert torch.equal(stepped[keep], W[keep])
+    after = certificate(prob, stepped, b, prob.forward(stepped))
+    assert after.primal < cert.primal
+    # The polish: without activations it stops on the violation; with them it certifies.
+    stuck = newton_polish(prob, W, b, budget=3000, tol=1e-8)
+    assert stuck.cert is None or stuck.cert.gap > 1e-8
+    assert not bool(torch.linalg.vector_norm(stuck.W[big], dim=(1, 2)).any())
+    pol = newton_polish(prob, W, b, budget=3000, tol=1e-8, max_activations=3)
+    final = certificate(prob, pol.W, pol.b, prob.forward(pol.W))
+    assert final.gap <= 1e-8
+    assert bool((torch.linalg.vector_norm(pol.W[big], dim=(1, 2)) > 0).all())
