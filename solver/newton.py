@@ -247,6 +247,7 @@ def newton_polish(
     this program should use. ``gap``: the relative gap at W, when the caller knows it.
     """
     used, steps, dropped, activated = 0, 0, 0, 0
+    reference = math.inf if gap is None else gap  # the gap an activation must have halved
     cert = None
     low = problem if low is None else low
     pc, pc_set = None, None
@@ -304,8 +305,12 @@ def newton_polish(
             if cert.gap <= tol:
                 break
             if violated_outside(cert, S, problem.lam):
-                if activated >= max_activations:
+                # Only while the polish converges: on a set it cannot settle (blocks dropped
+                # and brought back step after step) first-order rounds are cheaper.
+                if activated >= max_activations or not cert.gap <= 0.5 * reference:
                     break
+                reference = cert.gap
+                b = cert.b  # the bias the violators' gradients were computed with
                 W = _activate(problem, W, b, cert, S, AWn)
                 activated += 1
                 used += 1

@@ -162,6 +162,7 @@ def _polish(problem, W, b, cert, tol, budget, callback, at, fast, rows=None, sta
             budget=budget,
             tol=FAST_POLISH_GAP_END,
             rows=rows,
+            gap=cert.gap,
             max_activations=ACTIVATIONS,
         )
         used, rows = low.products + 1, low.rows

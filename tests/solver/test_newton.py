@@ -359,10 +359,13 @@ def test_gates_outside_the_set_are_brought_in_by_a_prox_step_and_newton_certifie
     assert torch.equal(stepped[keep], W[keep])
     after = certificate(prob, stepped, b, prob.forward(stepped))
     assert after.primal < cert.primal
-    # The polish: without activations it stops on the violation; with them it certifies.
+    # The polish: without activations it stops on the violation; with them it certifies ...
     stuck = newton_polish(prob, W, b, budget=3000, tol=1e-8)
     assert stuck.cert is None or stuck.cert.gap > 1e-8
     assert not bool(torch.linalg.vector_norm(stuck.W[big], dim=(1, 2)).any())
+    # ... nor while its gap has not halved since the reference it was given.
+    held = newton_polish(prob, W, b, budget=3000, tol=1e-8, max_activations=3, gap=1e-9)
+    assert not bool(torch.linalg.vector_norm(held.W[big], dim=(1, 2)).any())
     pol = newton_polish(prob, W, b, budget=3000, tol=1e-8, max_activations=3)
     final = certificate(prob, pol.W, pol.b, prob.forward(pol.W))
     assert final.gap <= 1e-8
