@@ -64,7 +64,11 @@ FAST_POLISH_GAP_END = 1e-3
 # of POLISHED_ROUND_ITERS iterations. Measured (operator and Cholesky flops of a fit, one
 # thread; bench/README.md "Newton brings the gates in"), with the hand-over at 0.3: Lite0
 # Fashion tops vs rest 862 -> 643 GFLOP, T-shirt vs shirt 218 -> 169 (Cholesky 38 -> 52),
-# digits 3 vs 8 1.82 -> 0.99, even vs odd 13.7 -> 11.7 (Cholesky 1.25 -> 2.89).
+# digits 3 vs 8 1.82 -> 0.99, even vs odd 13.7 -> 11.7 (Cholesky 1.25 -> 2.89). Only while
+# the polish converges (its gap halved since the polish began or the last activation): on the
+# issue's synthetic program (n 20000, d 128, 512 gates, lam 1e-3) the float32 polish otherwise
+# churned for 20 steps, dropping blocks and bringing them back (1135 products; the fit 1882
+# iterations, 422 s, against 1186 and 260 s); with the rule it takes the path it took before.
 ACTIVATIONS = 3
 
 
