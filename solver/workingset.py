@@ -63,7 +63,7 @@ FAST_POLISH_GAP_END = 1e-3
 # that the first-order round between polishes does it. Before, every such stop cost a round
 # of POLISHED_ROUND_ITERS iterations. Measured (operator and Cholesky flops of a fit, one
 # thread; bench/README.md "Newton brings the gates in"), with the hand-over at 0.3: Lite0
-# Fashion tops vs rest 862 -> 643 GFLOP, T-shirt vs shirt 218 -> 169 (Cholesky 38 -> 52),
+# Fashion tops vs rest 862 -> 643 GFLOP, T-shirt vs shirt 218 -> 203 (Cholesky 38 -> 48),
 # digits 3 vs 8 1.82 -> 0.99, even vs odd 13.7 -> 11.7 (Cholesky 1.25 -> 2.89). Only while
 # the polish converges (its gap halved since the polish began or the last activation): on the
 # issue's synthetic program (n 20000, d 128, 512 gates, lam 1e-3) the float32 polish otherwise
