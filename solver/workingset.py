@@ -43,10 +43,11 @@ LOW_PRECISION_TOL_POLISHED = 1e-2
 # With the preconditioned Newton (newton.preconditioned), measured on Fashion T-shirt vs shirt
 # (Lite0, 128 gates, lam = 0.01 lam_max): handing over at 0.2 certified in 8.5 s, at 0.3 in
 # 9.6 s, at 0.05 in 14.2 s, at 0.01 in 21.8 s (bench/README.md). Once the polish could bring
-# gates in itself (ACTIVATIONS), 0.3 did better than 0.2 on all four benchmark tasks (flops:
-# tops vs rest 715 -> 643 GFLOP, T-shirt 189 -> 169, 3 vs 8 1.46 -> 0.99, even vs odd
-# 13.6 -> 11.7); 0.5 did better still on the Fashion tasks (565, 123) but its Newton phase
-# on digits dropped blocks a few per step for 14 steps (Cholesky 2.9 -> 5.2 GFLOP).
+# gates in itself (ACTIVATIONS), 0.3 did better than 0.2 on all four benchmark tasks (flops,
+# measured before ACTIVATIONS' convergence rule: tops vs rest 715 -> 643 GFLOP, T-shirt
+# 189 -> 169, 3 vs 8 1.46 -> 0.99, even vs odd 13.6 -> 11.7); 0.5 did better still on the
+# Fashion tasks (565, 123) but its Newton phase on digits dropped blocks a few per step for
+# 14 steps (Cholesky 2.9 -> 5.2 GFLOP).
 LOW_PRECISION_TOL_NEWTON = 3e-1
 ROUND_ITERS = 100
 # First-order rounds between Newton polishes (doubled each time the gap fails to halve).
