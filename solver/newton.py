@@ -273,8 +273,10 @@ def newton_polish(
             # A subsample that misses this much of the Hessian costs more in products than
             # a larger factorisation: grow it for the next step (and the next polish). A
             # kept preconditioner that did this badly is only stale: rebuild it, same rows.
-            bigger = _grown(rows, n, c) if fresh else rows
-            if bigger > rows or not fresh:
+            bigger = _grown(rows, n, c)
+            if not fresh:
+                pc_set = None
+            elif bigger > rows:
                 rows, pc_set = bigger, None
         slope = _inner(m.gw, dw) + _inner(m.gb, db)
         if k == 0 or slope >= 0:
@@ -494,11 +496,17 @@ def _identity(vw: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return vw, vb
 
 
-def violated_outside(cert: Certificate, active: torch.Tensor, lam: float) -> bool:
-    """Whether a gate outside ``active`` (indices or a mask) violates its dual constraint."""
+def _violators_outside(cert: Certificate, active: torch.Tensor, lam: float) -> torch.Tensor:
+    """Mask of the gates outside ``active`` (indices or a mask) that violate their dual
+    constraint."""
     outside = cert.dual_norms > lam * (1 + 1e-6)
     outside[active] = False
-    return bool(outside.any())
+    return outside
+
+
+def violated_outside(cert: Certificate, active: torch.Tensor, lam: float) -> bool:
+    """Whether a gate outside ``active`` (indices or a mask) violates its dual constraint."""
+    return bool(_violators_outside(cert, active, lam).any())
 
 
 def _activate(problem, W, b, cert: Certificate, S: torch.Tensor, AW: torch.Tensor) -> torch.Tensor:
@@ -512,9 +520,7 @@ def _activate(problem, W, b, cert: Certificate, S: torch.Tensor, AW: torch.Tenso
     at a zero block.
     """
     lam = problem.lam
-    outside = cert.dual_norms > lam * (1 + 1e-6)
-    outside[S] = False
-    V = torch.nonzero(outside).squeeze(1)
+    V = torch.nonzero(_violators_outside(cert, S, lam)).squeeze(1)
     sub = problem.restrict(V)
     G = -sub.op.rmatvec(cert.theta)  # the violators' gradient blocks
     scale = 1.0 - lam / cert.dual_norms[V]
