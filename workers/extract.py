@@ -1,12 +1,13 @@
 """Frozen-backbone embeddings for a whole dataset, fast, and cached by content.
 
-The pipeline: DataLoader workers read members, decode and resize+crop them to uint8 HWC arrays
-(a quarter of the bytes of float tensors to move between processes); the main process turns
-each uint8 batch into a normalised float batch in channels_last layout (NHWC bytes seen as NCHW:
-no copy), runs the backbone under torch.inference_mode (autocast on CUDA) and writes the rows
-straight into a memory-mapped .npy in the cache. A result is keyed by a hash of the dataset's
-bytes, the backbone, its weights, the preprocessing and the output kind, so a second job on the
-same data reads the cache instead of extracting again.
+The pipeline: the loader reads members and decodes them (in DataLoader workers when there are
+cores to spare), keeping small sources as they are and resizing large ones with PIL
+(workers.preprocessing.prepare); the main process resizes, crops and normalises each batch of
+small sources with two matrix products that write the float batch in channels_last layout (on
+the forward's threads, or on the GPU), runs the backbone under torch.inference_mode (autocast on
+CUDA) and writes the rows straight into a memory-mapped .npy in the cache. A result is keyed by
+a hash of the dataset's bytes, the backbone, its weights, the preprocessing and the output kind,
+so a second job on the same data reads the cache instead of extracting again.
 """
 
 from __future__ import annotations
@@ -35,96 +36,16 @@ from workers.backbones import (
 )
 from workers.cache import EmbeddingCache, combine, write_json
 from workers.datasets import ImageDataset, ImageError, decode_image, open_dataset, to_model_mode
+from workers.preprocessing import BatchPreprocessor, Prepared, prepare
 
 # Bump when the pipeline's numbers change for the same inputs, so old cache entries are ignored.
-# (Folding BatchNorm into the convolutions moved embeddings by ~1e-6 relative: not bumped.)
-PIPELINE_VERSION = "extract-v1"
+# (Folding BatchNorm into the convolutions moved embeddings by ~1e-6 relative: not bumped; v2:
+# small sources are resampled by workers.preprocessing's batched path, up to ~1 grey level.)
+PIPELINE_VERSION = "extract-v2"
 Progress = Callable[[float, float, float], None]
 
 # Defaults measured with bench/extract.py (see bench/README.md).
 DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 128}
-
-
-# ---------------------------------------------------------------- preprocessing
-
-
-def preprocess(img: Any, pre: Preprocessing) -> np.ndarray:
-    """timm's eval transform (resize shorter side, centre crop) in one PIL resize.
-
-    Returns uint8 (H, W) for grayscale or (H, W, 3). Resizing with a `box` samples exactly the
-    crop of the resized image, so the crop is never computed and then thrown away; grayscale is
-    resized on one channel and expanded to three only when batched.
-    """
-    from PIL import Image
-
-    out_h, out_w = pre.input_size[1:]
-    w, h = img.size
-    scale = pre.resize_to / min(w, h)
-    # torchvision's Resize(int) truncates the longer side.
-    rw, rh = (pre.resize_to, int(h * scale)) if w <= h else (int(w * scale), pre.resize_to)
-    # torchvision's CenterCrop offsets, in resized pixels, mapped back to source pixels.
-    left, top = round((rw - out_w) / 2), round((rh - out_h) / 2)
-    sx, sy = w / rw, h / rh
-    box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}.get(
-        pre.interpolation, Image.BICUBIC
-    )
-    return np.asarray(img.resize((out_w, out_h), resample, box=box))
-
-
-def stack_uint8(arrays: Sequence[np.ndarray], pre: Preprocessing) -> np.ndarray:
-    """(B, H, W, 1) uint8 when every image is grayscale, else (B, H, W, 3).
-
-    Grayscale stays one channel until normalisation broadcasts it to three, which writes the
-    float batch once instead of copying each image three times first.
-    """
-    channels = 1 if all(a.ndim == 2 for a in arrays) else 3
-    out = np.empty((len(arrays), *pre.input_size[1:], channels), dtype=np.uint8)
-    for i, a in enumerate(arrays):
-        out[i] = a[:, :, None] if a.ndim == 2 else a
-    return out
-
-
-class Normalizer:
-    """uint8 NHWC batch -> normalised float NCHW in channels_last memory, on `device`."""
-
-    def __init__(self, pre: Preprocessing, device: Any = "cpu"):
-        import torch
-
-        mean = torch.tensor(pre.mean, dtype=torch.float32, device=device)
-        std = torch.tensor(pre.std, dtype=torch.float32, device=device)
-        # (x / 255 - mean) / std == x * scale - shift, one fused pass over the batch; NHWC
-        # memory read as NCHW is exactly channels_last, so the permute copies nothing.
-        self.scale = 1.0 / (255.0 * std)
-        self.neg_shift = -mean / std
-        self.device = device
-        self._buffer: Any = None
-        self._full: tuple[Any, Any] = (None, None)
-
-    def __call__(self, batch: Any, *, reuse: bool = False) -> Any:
-        """With `reuse` the result lands in a buffer kept for the next batch of that shape:
-        on a CPU, faulting in fresh pages for every batch costs as much as the arithmetic."""
-        import torch
-
-        x = batch.to(self.device, non_blocking=True)
-        shape = (*x.shape[:3], 3)
-        out = None
-        if reuse:
-            if self._buffer is None or tuple(self._buffer.shape) != shape:
-                self._buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
-                self._full = (
-                    self.neg_shift.expand(shape[1:]).contiguous(),
-                    self.scale.expand(shape[1:]).contiguous(),
-                )
-            out = self._buffer
-            if x.shape[3] == 3:
-                # A per-channel operand broadcast along the innermost axis keeps the CPU kernel
-                # from vectorising: converting first and taking the operands at full size is
-                # 2-3x faster (measured on 32 x 224 x 224 x 3).
-                neg_shift, scale = self._full
-                out.copy_(x)
-                return torch.addcmul(neg_shift, out, scale, out=out).permute(0, 3, 1, 2)
-        return torch.addcmul(self.neg_shift, x, self.scale, out=out).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------- forward
@@ -159,11 +80,11 @@ def forward(bb: Backbone, x: Any, output: str) -> Any:
 
 
 class _Batches:
-    """Map-style dataset whose item k is batch k, decoded and stacked (runs in workers).
+    """Map-style dataset whose item k is batch k, decoded and prepared (runs in workers).
 
-    By default batches leave the workers as uint8 (a twelfth of the float bytes for grayscale)
-    and are normalised where the model runs; with `normalize` (CPU only) the worker also
-    produces the float batch.
+    By default a batch leaves the workers as uint8 pixels (small sources as they are: a 28 x 28
+    grey image is 0.4 % of its float input) and becomes a float batch where the model runs;
+    with `preprocessor` (CPU only) the worker also produces the float batch.
     """
 
     def __init__(
@@ -171,9 +92,9 @@ class _Batches:
         ds: ImageDataset,
         batch_size: int,
         pre: Preprocessing,
-        normalize: Normalizer | None = None,
+        preprocessor: BatchPreprocessor | None = None,
     ):
-        self.ds, self.pre, self.normalize = ds, pre, normalize
+        self.ds, self.pre, self.preprocessor = ds, pre, preprocessor
         n = len(ds)
         self.bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
         self.max_pixels = ds.store.limits.max_image_pixels
@@ -182,24 +103,23 @@ class _Batches:
         return len(self.bounds)
 
     def __getitem__(self, k: int) -> tuple[Any, list[int], dict[int, str]]:
-        import torch
-
         start, stop = self.bounds[k]
-        arrays, rows, bad = [], [], {}
+        items: list[Prepared] = []
+        rows: list[int] = []
+        bad: dict[int, str] = {}
         for i in range(start, stop):
             name = self.ds.paths[i]
             try:
                 img = decode_image(self.ds.read_bytes(i), name=name, max_pixels=self.max_pixels)
-                arrays.append(preprocess(img, self.pre))
+                items.append(prepare(img, self.pre))
                 rows.append(i)
             except ImageError as exc:
                 bad[i] = str(exc)
             except DatasetError as exc:
                 bad[i] = f"!{exc.message}"  # a bomb: refused whatever the policy
-        batch = torch.from_numpy(stack_uint8(arrays, self.pre))
-        if self.normalize is not None and rows:
-            batch = self.normalize(batch)
-        return batch, rows, bad
+        if self.preprocessor is not None and items:
+            return self.preprocessor(items), rows, bad
+        return items, rows, bad
 
 
 def _identity(item: Any) -> Any:
@@ -474,11 +394,11 @@ def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> d
     device_kind = bb.device.type
     batch_size = opts.batch_size or DEFAULT_BATCH_SIZE.get(device_kind, 32)
     workers = default_num_workers(device_kind) if opts.num_workers is None else opts.num_workers
-    normalize = Normalizer(bb.spec.preprocessing, bb.device)
-    # Measured (bench/README.md): shipping uint8 and normalising here into a reused buffer
-    # costs less CPU per image than shipping float batches through shared memory.
+    preprocessor = BatchPreprocessor(bb.spec.preprocessing, bb.device)
+    # Measured (bench/README.md): shipping uint8 and making the float batch here, into a reused
+    # buffer, costs less CPU per image than shipping float batches through shared memory.
     in_workers = device_kind == "cpu" and workers > 0 and bool(opts.normalize_in_workers)
-    batches = _Batches(ds, batch_size, bb.spec.preprocessing, normalize if in_workers else None)
+    batches = _Batches(ds, batch_size, bb.spec.preprocessing, preprocessor if in_workers else None)
     n, done, bad = len(ds), 0, {}
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -490,7 +410,7 @@ def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> d
                     raise DatasetError(f"{ds.paths[i]}: {reason}")
             bad.update(bad_here)
             if rows:
-                x = batch if in_workers else normalize(batch, reuse=device_kind == "cpu")
+                x = batch if in_workers else preprocessor(batch, reuse=device_kind == "cpu")
                 out = forward(bb, x, opts.output).cpu().numpy()
                 if len(rows) == rows[-1] - rows[0] + 1:
                     X[rows[0] : rows[-1] + 1] = out
@@ -548,7 +468,7 @@ def embed_images(
 
     For online prediction: decoding happens here, in the caller's thread. Raises InvalidInput
     naming the index of an image that cannot be decoded. With `pad_batches`, each forward's
-    batch is padded with blank images to one of `bucket_sizes(batch_size)`, so a GPU meets a
+    batch is padded with zero inputs to one of `bucket_sizes(batch_size)`, so a GPU meets a
     handful of shapes (each new shape costs it a search for convolution kernels) instead of
     every size up to `batch_size`; the padding rows are dropped (eval-mode rows are
     independent).
@@ -558,8 +478,8 @@ def embed_images(
 
     check_output(output)
     pre = bb.spec.preprocessing
-    normalize = Normalizer(pre, bb.device)
-    arrays = []
+    preprocessor = BatchPreprocessor(pre, bb.device)
+    items = []
     for k, item in enumerate(images):
         try:
             if isinstance(item, (bytes, bytearray, memoryview)):
@@ -568,18 +488,17 @@ def embed_images(
                 img = Image.fromarray(item)
             else:
                 img = item
-            arrays.append(preprocess(to_model_mode(img), pre))
+            items.append(prepare(to_model_mode(img), pre))
         except ImageError as exc:
             raise InvalidInput(f"image {k}: {exc}") from exc
-    out = np.empty((len(arrays), *bb.spec.output_shape(output)), dtype=np.float32)
+    out = np.empty((len(items), *bb.spec.output_shape(output)), dtype=np.float32)
     with torch.inference_mode():
-        for s in range(0, len(arrays), batch_size):
-            batch = torch.from_numpy(stack_uint8(arrays[s : s + batch_size], pre))
-            n = len(batch)
+        for s in range(0, len(items), batch_size):
+            chunk = items[s : s + batch_size]
+            n = len(chunk)
             size = bucket_size(n, batch_size) if pad_batches else n
-            if size > n:
-                batch = torch.cat([batch, batch.new_zeros((size - n, *batch.shape[1:]))])
-            out[s : s + n] = forward(bb, normalize(batch), output)[:n].cpu().numpy()
+            x = preprocessor(chunk, pad_to=size)
+            out[s : s + n] = forward(bb, x, output)[:n].cpu().numpy()
     return out
 
 
@@ -617,6 +536,5 @@ __all__ = [
     "extraction_key",
     "forward",
     "load_npz",
-    "preprocess",
     "save_npz",
 ]

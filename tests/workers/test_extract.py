@@ -10,7 +10,8 @@ from PIL import Image
 from cvxtune.errors import DatasetError, InvalidInput
 from workers.backbones import load_backbone
 from workers.datasets import open_dataset
-from workers.extract import embed_images, extract, preprocess, stack_uint8
+from workers.extract import embed_images, extract
+from workers.preprocessing import preprocess, stack_uint8
 from workers.sample_data import png_bytes, write_members
 
 MOBILE = "mobilenetv3_small_100"
@@ -224,7 +225,7 @@ def test_normalizer_is_timms_normalisation_for_grey_and_rgb_batches():
     import torch
 
     from workers.backbones import CATALOGUE
-    from workers.extract import Normalizer
+    from workers.preprocessing import Normalizer
 
     pre = CATALOGUE["tf_efficientnet_lite0"].preprocessing
     mean, std = np.array(pre.mean), np.array(pre.std)
