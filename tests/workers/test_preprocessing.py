@@ -82,9 +82,8 @@ def test_batched_path_is_timms_eval_transform_to_a_grey_level():
             assert batched_resize(img.size[1], img.size[0], len(img.getbands()), pre)
             ref = reference(img.convert("RGB"))[None]
             ours = batch([Prepared(np.asarray(img), resized=False)])
-            # PIL rounds to integers after each pass, the batched path does not: half a level
-            # through the second pass's weights (absolute sum up to ~1.15), plus half a level.
-            assert grey_levels(ours, ref, pre) <= 1.25, (name, img.size, img.mode)
+            # One level at most, where a rounding tie falls the other way.
+            assert grey_levels(ours, ref, pre) <= 1.01, (name, img.size, img.mode)
 
 
 def test_batched_and_pil_paths_agree_and_a_mixed_batch_is_its_images_one_by_one():
@@ -101,7 +100,11 @@ def test_batched_and_pil_paths_agree_and_a_mixed_batch_is_its_images_one_by_one(
     assert x.is_contiguous(memory_format=torch.channels_last)
     one_by_one = torch.cat([batch([it]) for it in items])
     assert torch.equal(x, one_by_one)
-    assert grey_levels(x, pil_batch(images)) <= 1.25
+    pil = pil_batch(images)
+    assert grey_levels(x, pil) <= 1.01
+    std = torch.tensor(PRE.std)[:, None, None]
+    # The same pixels but at rounding ties (on the noise images about 1 in 1000).
+    assert ((x - pil).abs() * std * 255 > 0.01).float().mean() < 1e-3
     # The clamp holds the batch to the normalised images of grey levels 0..255.
     low = torch.tensor([-m / s for m, s in zip(PRE.mean, PRE.std, strict=True)])
     high = low + 1 / torch.tensor(PRE.std)
