@@ -39,8 +39,8 @@ from workers.datasets import ImageDataset, ImageError, decode_image, open_datase
 from workers.preprocessing import BatchPreprocessor, Prepared, prepare
 
 # Bump when the pipeline's numbers change for the same inputs, so old cache entries are ignored.
-# (Folding BatchNorm into the convolutions moved embeddings by ~1e-6 relative: not bumped; v2:
-# small sources are resampled by workers.preprocessing's batched path, up to ~1 grey level.)
+# (Folding BatchNorm into the convolutions moved embeddings by ~1e-6 relative: not bumped. v2:
+# workers.preprocessing's batched path, PIL's pixels but at rounding ties, ~3e-4 relative.)
 PIPELINE_VERSION = "extract-v2"
 Progress = Callable[[float, float, float], None]
 
