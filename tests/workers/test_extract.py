@@ -79,6 +79,56 @@ def test_batch_size_and_workers_do_not_change_embeddings(small_zip, mobile):
     assert np.allclose(a.X, b.X, atol=1e-4)
 
 
+def test_every_path_gives_the_pil_transforms_embeddings(tmp_path, small_images, mobile):
+    """Small sources (batched resize) and large ones (PIL's), grey, RGB, palette and RGBA,
+    through every loader layout and embed_images: the same embeddings, which are those of
+    PIL's resize followed by normalisation (but at rounding ties)."""
+    from workers.datasets import decode_image
+    from workers.preprocessing import Normalizer
+
+    rng = np.random.default_rng(0)
+    grey = small_images[0][:3]
+    sources = [
+        Image.fromarray(grey[0]),  # 28 x 28 grey: batched
+        Image.fromarray(np.stack([grey[1]] * 3, axis=-1)),  # 28 x 28 RGB: batched
+        Image.fromarray(rng.integers(0, 256, (41, 53, 3), dtype=np.uint8)),  # batched
+        Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)),  # PIL
+        Image.fromarray(grey[2]).resize((240, 240)),  # large grey: PIL
+        Image.fromarray(grey[0]).convert("P"),  # palette
+        Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8), "RGBA"),
+    ]
+    data = [png_bytes(np.asarray(img)) if img.mode != "P" else _png(img) for img in sources]
+    members = [(f"c{i % 2}/img{i}.png", b) for i, b in enumerate(data)]
+    archive = tmp_path / "mixed.zip"
+    write_members(archive, members)
+    runs = [
+        extract(archive, mobile, batch_size=4, num_workers=0),
+        extract(archive, mobile, batch_size=3, num_workers=1),
+        extract(archive, mobile, batch_size=7, num_workers=1, normalize_in_workers=True),
+    ]
+    order = [int(p.split("img")[1].split(".")[0]) for p in runs[0].paths]
+    for run in runs[1:]:
+        assert run.paths == runs[0].paths
+        np.testing.assert_allclose(run.X, runs[0].X, rtol=0, atol=1e-5)
+    served = embed_images(mobile, [data[i] for i in order], batch_size=3)
+    np.testing.assert_allclose(served, runs[0].X, rtol=0, atol=1e-5)
+    pre = mobile.spec.preprocessing
+    pil = [preprocess(decode_image(data[i]), pre) for i in order]
+    with torch.inference_mode():
+        x = Normalizer(pre)(torch.from_numpy(stack_uint8(pil, pre)))
+        ref = mobile.model.forward_head(mobile.model.forward_features(x), pre_logits=True)
+    rel = np.linalg.norm(runs[0].X - ref.numpy(), axis=1) / np.linalg.norm(ref.numpy(), axis=1)
+    assert rel.max() < 1e-3, rel  # measured: 7e-5 at most (a rounding tie)
+
+
+def _png(img: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_embed_images_matches_extract(small_zip, small_images, mobile):
     ref = extract(small_zip, mobile)
     with open_dataset(small_zip) as ds:
