@@ -100,6 +100,9 @@ def test_batched_and_pil_paths_agree_and_a_mixed_batch_is_its_images_one_by_one(
     assert x.is_contiguous(memory_format=torch.channels_last)
     one_by_one = torch.cat([batch([it]) for it in items])
     assert torch.equal(x, one_by_one)
+    for reuse in (False, True):  # a batch of PIL-resized images only: normalised in place
+        large_only = batch([items[-1], items[-1]], reuse=reuse)
+        torch.testing.assert_close(large_only, pil_batch([large, large]), rtol=0, atol=1e-6)
     pil = pil_batch(images)
     assert grey_levels(x, pil) <= 1.01
     std = torch.tensor(PRE.std)[:, None, None]
