@@ -5,10 +5,11 @@ Two resamplers compute the same bicubic (or bilinear) resize with the same taps 
 - PIL's, one image at a time (`preprocess`), for large sources, where PIL's banded filter does
   far less work than a dense product;
 - `BatchPreprocessor`'s, for small sources (`batched_resize`): each axis's resampling weights are
-  a small matrix (`resample_matrix`), and a batch of same-size images is resized, cropped and
-  normalised by two matrix products that write the float batch in channels_last layout
-  directly, on the forward's threads (or on the GPU). For a 28 x 28 source this costs a fraction
-  of PIL's resize plus a separate normalising pass (bench/README.md).
+  a small matrix (`resample_matrix`), and a batch of same-size images is resized and cropped
+  by two matrix products, the second writing the float batch in channels_last layout, which is
+  then rounded, clamped and normalised in place, on the forward's threads (or on the GPU). For
+  a 28 x 28 source this costs a third of PIL's resize plus the normalising pass
+  (bench/README.md, "Batched resizing").
 
 Like PIL, the batched path resamples horizontally, rounds and clamps to 0..255, then
 vertically, rounds and clamps again, so the two give the same pixels but at rounding ties (one
@@ -199,7 +200,7 @@ def prepare(img: Any, pre: Preprocessing) -> Prepared:
 
 class _Matrices:
     """One source size's operands, on the device: the horizontal pass maps a row of w pixels
-    (times channels, interleaved) straight to the model's 3 normalised channels, interleaved."""
+    (times channels, interleaved) to the model's 3 channels, interleaved (grey is repeated)."""
 
     def __init__(self, h: int, w: int, channels: int, pre: Preprocessing, device: Any):
         import torch
