@@ -33,7 +33,7 @@ from workers.backbones import Preprocessing
 # per image: below it they beat PIL's resize plus the normalising pass on a 2-core CPU
 # (measured, bench/README.md "Batched resizing"); a 28 x 28 grey source is about 4.7M.
 BATCHED_MAX_MACS = 24_000_000
-_MATRIX_CACHE = 64  # source sizes whose matrices a BatchPreprocessor keeps
+_MATRIX_CACHE = 16  # source sizes whose matrices a BatchPreprocessor keeps
 
 
 def crop_box(size: tuple[int, int], pre: Preprocessing) -> tuple[float, float, float, float]:
@@ -172,8 +172,14 @@ def batched_macs(h: int, w: int, channels: int, pre: Preprocessing) -> int:
 
 
 def batched_resize(h: int, w: int, channels: int, pre: Preprocessing) -> bool:
-    """Whether an (h, w) source with `channels` takes the batched path (else PIL's)."""
-    return batched_macs(h, w, channels, pre) <= BATCHED_MAX_MACS
+    """Whether an (h, w) source with `channels` takes the batched path (else PIL's).
+
+    Rows no wider than twice the input also bound the horizontal matrix (w * channels by
+    3 * W floats: 3.6 MB at most for 224 px), which a cost bound alone would not for a strip
+    a few pixels high.
+    """
+    wide = w > 2 * pre.input_size[2]
+    return not wide and batched_macs(h, w, channels, pre) <= BATCHED_MAX_MACS
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ def test_the_path_depends_only_on_the_source_size():
     pre = CATALOGUE["mobilenetv3_small_100"].preprocessing
     assert batched_resize(28, 28, 1, pre) and batched_resize(64, 64, 3, pre)
     assert not batched_resize(224, 224, 3, pre) and not batched_resize(480, 640, 1, pre)
+    assert not batched_resize(2, 4000, 3, pre)  # cheap to resample, but a 32 MB matrix
     box = crop_box((28, 28), pre)
     # 28 px -> 256 (shorter side), centre 224: 16 resized pixels each side, in source pixels.
     assert box == pytest.approx((1.75, 1.75, 26.25, 26.25))
