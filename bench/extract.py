@@ -22,6 +22,7 @@ import platform
 import resource
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,16 @@ from workers.preprocessing import BatchPreprocessor, prepare
 from workers.sample_data import balanced_indices, load_fashion_mnist, write_imagefolder
 
 BATCH_SIZES = (8, 16, 32, 64)
-# name -> (decoding processes, where uint8 -> float happens)
 STAGES = ("read", "decode", "prepare", "batch", "preprocessing", "forward", "ceiling_ratio")
+# name -> (decoding processes, where uint8 -> float happens, streams: None = the default)
 PIPELINES = {
-    "w0": (0, "main"),  # the default for a CPU forward on 2 cores
-    "w1": (1, "main"),
-    "w1-workers": (1, "workers"),
-    "w2": (2, "main"),
+    "w0": (0, "main", None),  # the default for a CPU forward on 2 cores (2 streams there)
+    "w0-s1": (0, "main", 1),  # one stream, the forward on all threads
+    "w1": (1, "main", None),
+    "w1-workers": (1, "workers", None),
+    "w2": (2, "main", None),
 }
+STREAMS = (1, 2)  # bare forwards side by side, torch's threads divided among them
 
 
 def make_dataset(n: int, root: Path) -> Path:
@@ -64,18 +67,37 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def bare_rate(bb, x: torch.Tensor, batch_size: int, images: int, cpu: list | None = None) -> float:
-    """images/s of forward alone over `images` inputs (one warm-up batch first)."""
-    with torch.inference_mode():
-        forward(bb, x[:batch_size], "pooled")
+def bare_rate(
+    bb, x: torch.Tensor, batch_size: int, images: int, cpu: list | None = None, streams: int = 1
+) -> float:
+    """images/s of forward alone over `images` inputs (one warm-up batch first); with
+    `streams`, that many forwards side by side, each on its own thread with torch's intra-op
+    threads divided among them (what extraction does on 2 cores, workers.extract.default_streams).
+    """
+
+    def one(start: int) -> None:
+        with torch.inference_mode():
+            forward(bb, x[start % len(x) :][:batch_size], "pooled")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // streams))
+    try:
+        one(0)
+        starts = range(0, max(images, batch_size), batch_size)
         t0, c0 = time.perf_counter(), cpu_seconds()
-        done = 0
-        while done < images:
-            forward(bb, x[done % len(x) :][:batch_size], "pooled")
-            done += batch_size
+        if streams == 1:
+            for start in starts:
+                one(start)
+        else:
+            with ThreadPoolExecutor(streams) as pool:
+                list(pool.map(one, starts))
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    done = len(starts) * batch_size
     if cpu is not None:
         cpu.append((cpu_seconds() - c0) / done)
-    return done / (time.perf_counter() - t0)
+    return done / seconds
 
 
 def as_contiguous(bb):
@@ -88,22 +110,25 @@ def sweep_bare(models: dict, x: torch.Tensor, images: int) -> list[dict]:
     rows = []
     for fmt, b in models.items():
         xf = x if fmt == "channels_last" else x.contiguous()
-        for bs in BATCH_SIZES:
-            rate = bare_rate(b, xf, bs, max(images, 2 * bs))
-            rows.append({"memory_format": fmt, "batch_size": bs, "images_per_s": rate})
-            print(f"    bare {fmt:<13} bs={bs:<3} {rate:7.1f} img/s", flush=True)
+        # Side-by-side forwards only in channels_last, the layout that won every sweep so far.
+        for streams in STREAMS if fmt == "channels_last" else (1,):
+            for bs in BATCH_SIZES:
+                rate = bare_rate(b, xf, bs, max(images, 2 * bs), streams=streams)
+                row = {"memory_format": fmt, "batch_size": bs, "streams": streams}
+                rows.append({**row, "images_per_s": rate})
+                print(f"    bare {fmt:<13} bs={bs:<3} x{streams} {rate:7.1f} img/s", flush=True)
     return rows
 
 
 def pipeline_rate(bb, data: Path, batch_size: int, config: str) -> dict:
-    workers, where = PIPELINES[config]
+    workers, where, streams = PIPELINES[config]
     t0 = time.perf_counter()
     with open_dataset(data) as ds:
         ds.content_hash()
         opened = time.perf_counter() - t0
         c0 = cpu_seconds()
         res = extract(ds, bb, cache_dir=None, batch_size=batch_size, num_workers=workers,
-                      normalize_in_workers=where == "workers")  # fmt: skip
+                      streams=streams, normalize_in_workers=where == "workers")  # fmt: skip
         cpu = (cpu_seconds() - c0) / len(res.y)
     return {
         "cpu_ms_per_image": 1e3 * cpu,
@@ -174,7 +199,7 @@ def bench_backbone(name: str, data: Path, args) -> dict:
     models = {"channels_last": bb, "contiguous": as_contiguous(bb)}
     sweep = sweep_bare(models, x, args.sweep_images)
     best = max(sweep, key=lambda r: r["images_per_s"])
-    bs, fmt = best["batch_size"], best["memory_format"]
+    bs, fmt, streams = best["batch_size"], best["memory_format"], best["streams"]
     xf = x if fmt == "channels_last" else x.contiguous()
     bare_runs, pipes = [best["images_per_s"]], {w: [] for w in args.pipelines}
     paired: dict[str, list[float]] = {w: [] for w in args.pipelines}
@@ -183,7 +208,7 @@ def bench_backbone(name: str, data: Path, args) -> dict:
         for w in args.pipelines:
             # Each pipeline run right after a bare run of the same length: on a shared machine
             # the pair sees the same load, and the best of each over rounds sees the least.
-            bare = bare_rate(models[fmt], xf, bs, len(x), bare_cpu)
+            bare = bare_rate(models[fmt], xf, bs, len(x), bare_cpu, streams=streams)
             run = pipeline_rate(bb, data, bs, w)
             bare_runs.append(bare)
             pipes[w].append(run)
@@ -266,7 +291,8 @@ def main() -> None:
     print("\n" + head)
     for r in results:
         b, best = r["bare_best"], max(r["pipeline"], key=lambda q: q["images_per_s"])
-        bare = f"{b['images_per_s']:.1f} ({b['memory_format'][:8]}, {b['batch_size']})"
+        layout = f"{b['memory_format'][:8]}, {b['batch_size']}, x{b['streams']}"
+        bare = f"{b['images_per_s']:.1f} ({layout})"
         pipe = f"{best['images_per_s']:.1f} ({best['config']})"
         med = r["median_paired_ratio"][best["config"]]
         cpu = r["cpu_ratio"][best["config"]]

@@ -12,12 +12,15 @@ so a second job on the same data reads the cache instead of extracting again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +218,7 @@ def extract(
     batch_size: int | None = None,
     num_workers: int | None = None,
     num_threads: int | None = None,
+    streams: int | None = None,
     normalize_in_workers: bool | None = None,
     on_bad_image: str = "skip",
     progress: Progress | None = None,
@@ -225,7 +229,8 @@ def extract(
     backbone: a catalogue name, or a Backbone already loaded (its weights decide the key).
     output: "pooled" (n, d), "feature_map" (n, C, H, W) or "tokens" (n, T, d).
     cache_dir: where results are kept by content hash; None computes without caching.
-    batch_size, num_workers (decoding processes), num_threads (torch's, in this process):
+    batch_size, num_workers (decoding processes), num_threads (torch's, in this process),
+    streams (batches embedded side by side, each on its own thread; see default_streams):
     None picks the measured defaults; normalize_in_workers (CPU only, default false) moves
     the uint8 -> float pass into the decoding processes.
     progress(fraction, images_per_s, eta_s) is called after every batch.
@@ -272,6 +277,7 @@ def extract(
             batch_size,
             num_workers,
             num_threads,
+            streams,
             normalize_in_workers,
             on_bad_image,
             progress,
@@ -294,6 +300,7 @@ class _RunOptions:
     batch_size: int | None
     num_workers: int | None
     num_threads: int | None
+    streams: int | None
     normalize_in_workers: bool | None
     on_bad_image: str
     progress: Progress | None
@@ -387,35 +394,57 @@ class _plain_dir:
         return None
 
 
+def default_streams(device_kind: str, num_workers: int) -> int:
+    """Forwards run side by side: on a CPU of two cores or fewer that decodes in this process,
+    one stream per core, each decoding, preprocessing and running its batches on one thread
+    (the forward's intra-op threads set to one), so one stream's decoding overlaps the other's
+    forward; otherwise one stream. Serving runs one single-threaded forward per core too."""
+    cpus = usable_cpus()
+    if device_kind == "cpu" and num_workers == 0 and 1 < cpus <= 2:
+        return cpus
+    return 1
+
+
 def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> dict[int, str]:
     """Run the loader and the backbone, writing rows of X in place; returns the bad rows."""
-    import torch
-
     device_kind = bb.device.type
     batch_size = opts.batch_size or DEFAULT_BATCH_SIZE.get(device_kind, 32)
     workers = default_num_workers(device_kind) if opts.num_workers is None else opts.num_workers
-    preprocessor = BatchPreprocessor(bb.spec.preprocessing, bb.device)
+    streams = opts.streams or default_streams(device_kind, workers)
+    pre = bb.spec.preprocessing
     # Measured (bench/README.md): shipping uint8 and making the float batch here, into a reused
     # buffer, costs less CPU per image than shipping float batches through shared memory.
     in_workers = device_kind == "cpu" and workers > 0 and bool(opts.normalize_in_workers)
-    batches = _Batches(ds, batch_size, bb.spec.preprocessing, preprocessor if in_workers else None)
+    batches = _Batches(ds, batch_size, pre, BatchPreprocessor(pre) if in_workers else None)
+    local = threading.local()
+
+    def embed(batch: Any, rows: list[int]) -> None:
+        import torch
+
+        if not rows:
+            return
+        if not in_workers:
+            if not hasattr(local, "preprocessor"):  # one per stream: each reuses its buffer
+                local.preprocessor = BatchPreprocessor(pre, bb.device)
+            batch = local.preprocessor(batch, reuse=device_kind == "cpu")
+        with torch.inference_mode():
+            out = forward(bb, batch, opts.output).cpu().numpy()
+        if len(rows) == rows[-1] - rows[0] + 1:
+            X[rows[0] : rows[-1] + 1] = out
+        else:
+            X[rows] = out
+
     n, done, bad = len(ds), 0, {}
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for batch, rows, bad_here in _loader(batches, workers, device_kind == "cuda"):
+    results = _run_batches(batches, embed, workers, streams, device_kind)
+    with contextlib.closing(results):  # an error or a cancel below stops the streams at once
+        for rows, bad_here in results:
             for i, reason in bad_here.items():
                 if reason.startswith("!"):
                     raise DatasetError(reason[1:])
                 if opts.on_bad_image == "fail":
                     raise DatasetError(f"{ds.paths[i]}: {reason}")
             bad.update(bad_here)
-            if rows:
-                x = batch if in_workers else preprocessor(batch, reuse=device_kind == "cpu")
-                out = forward(bb, x, opts.output).cpu().numpy()
-                if len(rows) == rows[-1] - rows[0] + 1:
-                    X[rows[0] : rows[-1] + 1] = out
-                else:
-                    X[rows] = out
             done += len(rows) + len(bad_here)
             if opts.progress is not None:
                 elapsed = time.perf_counter() - t0
@@ -423,6 +452,46 @@ def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> d
                 eta = (n - done) / rate if rate > 0 else math.inf
                 opts.progress(done / n, rate, eta)
     return bad
+
+
+def _run_batches(
+    batches: _Batches,
+    embed: Callable[[Any, list[int]], None],
+    workers: int,
+    streams: int,
+    device_kind: str,
+) -> Iterator[tuple[list[int], dict[int, str]]]:
+    """Embed every batch; yields (rows, bad rows) in batch order, in the calling thread.
+
+    One stream: the DataLoader (its workers decode). Several: a pool of `streams` threads,
+    each reading, decoding, preprocessing and embedding whole batches with torch's intra-op
+    threads divided among them; leaving early (an exception, a cancel) cancels what has not
+    started.
+    """
+    if streams <= 1:
+        for batch, rows, bad in _loader(batches, workers, device_kind == "cuda"):
+            embed(batch, rows)
+            yield rows, bad
+        return
+
+    import torch
+
+    def task(k: int) -> tuple[list[int], dict[int, str]]:
+        batch, rows, bad = batches[k]
+        embed(batch, rows)
+        return rows, bad
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // streams))
+    batches.ds.read_bytes(0)  # opens the archive here, not in two threads at once
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="cvxtune-extract")
+    try:
+        futures = [pool.submit(task, k) for k in range(len(batches))]
+        for future in futures:
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def _drop_rows(X: np.ndarray, out_dir: Path, bad_rows: list[int]) -> np.ndarray:

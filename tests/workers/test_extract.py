@@ -269,6 +269,36 @@ def test_a_cpu_forward_on_two_cores_decodes_in_process(monkeypatch):
         monkeypatch.setattr(ex, "usable_cpus", lambda c=cpus: c)
         assert ex.default_num_workers("cpu") == cpu_workers
         assert ex.default_num_workers("cuda") == cuda_workers
+        # One stream per core where decoding is in process, else one.
+        assert ex.default_streams("cpu", cpu_workers) == (2 if cpus == 2 else 1)
+        assert ex.default_streams("cuda", cuda_workers) == 1
+
+
+def test_streams_give_the_same_rows_in_order_and_stop_on_a_bad_image(
+    tmp_path, small_images, mobile
+):
+    images, labels = small_images
+    members = [(f"c{int(lab)}/{i:02d}.png", png_bytes(img)) for i, (img, lab) in
+               enumerate(zip(images, labels, strict=True))]  # fmt: skip
+    path = tmp_path / "d.zip"
+    write_members(path, [*members, ("c1/03-broken.png", png_bytes(images[0])[:-30])])
+    threads = torch.get_num_threads()
+    seen: dict[int, list[float]] = {1: [], 3: []}
+
+    def run(streams: int, **kw):
+        # Opened each time: extract drops the rows it could not decode from the dataset.
+        with open_dataset(path, check_images=False) as ds:
+            return extract(ds, mobile, batch_size=2, num_workers=0, streams=streams, **kw)
+
+    one, three = (run(k, progress=lambda f, *_, k=k: seen[k].append(f)) for k in (1, 3))
+    assert torch.get_num_threads() == threads  # restored after the streams
+    assert one.paths == three.paths and len(three.paths) == 12
+    np.testing.assert_allclose(three.X, one.X, rtol=0, atol=1e-5)
+    assert seen[3] == seen[1] and len(seen[3]) == 7  # after each batch, in order
+    assert seen[3] == sorted(seen[3]) and seen[3][-1] == 1.0
+    with pytest.raises(DatasetError, match=r"c1/03-broken\.png"):
+        run(3, on_bad_image="fail")
+    assert torch.get_num_threads() == threads
 
 
 def test_normalizer_is_timms_normalisation_for_grey_and_rgb_batches():
