@@ -230,7 +230,8 @@ def extract(
     output: "pooled" (n, d), "feature_map" (n, C, H, W) or "tokens" (n, T, d).
     cache_dir: where results are kept by content hash; None computes without caching.
     batch_size, num_workers (decoding processes), num_threads (torch's, in this process),
-    streams (batches embedded side by side, each on its own thread; see default_streams):
+    streams (batches decoded and embedded side by side, each on its own thread, when there
+    are no decoding processes; see default_streams):
     None picks the measured defaults; normalize_in_workers (CPU only, default false) moves
     the uint8 -> float pass into the decoding processes.
     progress(fraction, images_per_s, eta_s) is called after every batch.
@@ -410,7 +411,8 @@ def _fill(X: np.ndarray, ds: ImageDataset, bb: Backbone, opts: _RunOptions) -> d
     device_kind = bb.device.type
     batch_size = opts.batch_size or DEFAULT_BATCH_SIZE.get(device_kind, 32)
     workers = default_num_workers(device_kind) if opts.num_workers is None else opts.num_workers
-    streams = opts.streams or default_streams(device_kind, workers)
+    # Streams decode in their own threads: with decoding processes there is one stream.
+    streams = 1 if workers > 0 else opts.streams or default_streams(device_kind, workers)
     pre = bb.spec.preprocessing
     # Measured (bench/README.md): shipping uint8 and making the float batch here, into a reused
     # buffer, costs less CPU per image than shipping float batches through shared memory.
