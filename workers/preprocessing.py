@@ -205,8 +205,9 @@ def prepare(img: Any, pre: Preprocessing) -> Prepared:
 
 
 class _Matrices:
-    """One source size's operands, on the device: the horizontal pass maps a row of w pixels
-    (times channels, interleaved) to the model's 3 channels, interleaved (grey is repeated)."""
+    """One source size's resampling matrices, on the device: the horizontal one maps a row of w
+    pixels (times channels, interleaved) to the model's 3 channels, interleaved (grey is
+    repeated)."""
 
     def __init__(self, h: int, w: int, channels: int, pre: Preprocessing, device: Any):
         import torch
@@ -215,8 +216,6 @@ class _Matrices:
         left, top, right, bottom = crop_box((w, h), pre)
         rows = resample_matrix(h, out_h, top, bottom, pre.interpolation)
         cols = resample_matrix(w, out_w, left, right, pre.interpolation)  # (W, w)
-        scale = 1.0 / (255.0 * np.asarray(pre.std))
-        shift = -np.asarray(pre.mean) / np.asarray(pre.std)
         # horizontal[j' * channels + c_in, j * 3 + c] = cols[j, j'], c_in = c (RGB) or 0 (grey)
         horizontal = np.zeros((w, channels, out_w, 3))
         for c in range(3):
@@ -227,8 +226,6 @@ class _Matrices:
 
         self.vertical = put(rows)
         self.horizontal = put(horizontal.reshape(w * channels, out_w * 3))
-        self.scale = put(np.tile(scale, out_w))
-        self.shift = put(np.tile(shift, out_w))
 
 
 class BatchPreprocessor:
@@ -243,6 +240,9 @@ class BatchPreprocessor:
         self.pre = pre
         self.device = device
         self.normalize = Normalizer(pre, device)
+        # Normalizer's per-channel constants along an interleaved row (W * 3), for every size.
+        self._row_scale = self.normalize.scale.repeat(pre.input_size[2])
+        self._row_shift = self.normalize.neg_shift.repeat(pre.input_size[2])
         self._matrices: OrderedDict[tuple[int, int, int], _Matrices] = OrderedDict()
         self._buffer: Any = None
 
@@ -307,4 +307,4 @@ class BatchPreprocessor:
         rows = torch.mm(x, m.horizontal).round_().clamp_(0.0, 255.0)
         got = torch.matmul(m.vertical, rows.view(len(sources), h, -1), out=out)
         got.round_().clamp_(0.0, 255.0)
-        return torch.addcmul(m.shift, got, m.scale, out=got)
+        return torch.addcmul(self._row_shift, got, self._row_scale, out=got)

@@ -97,7 +97,7 @@ def test_every_path_gives_the_pil_transforms_embeddings(tmp_path, small_images, 
         Image.fromarray(grey[0]).convert("P"),  # palette
         Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8), "RGBA"),
     ]
-    data = [png_bytes(np.asarray(img)) if img.mode != "P" else _png(img) for img in sources]
+    data = [_png(img) for img in sources]
     members = [(f"c{i % 2}/img{i}.png", b) for i, b in enumerate(data)]
     archive = tmp_path / "mixed.zip"
     write_members(archive, members)
