@@ -31,11 +31,14 @@ up to 1200 rows with 10 outputs; a few more products per step), both sizes small
 than 1280 features; the gap
 then falls to 1e-9 or below in a handful of steps. With the nuclear penalty and several outputs
 (the classifier's default) the norm is not differentiable at rank-deficient blocks and the
-solve stays first-order: moderately regularised programs reach tol=1e-6 in seconds, but at
-small lam (below about 1e-2 * lam_max_, nearly every gate active) the default max_iter may not
-suffice for 1e-6, and the warning is the honest outcome. ``n_iter_`` counts first-order
-iterations and Newton-CG operator products (each costs one product with the gated operator and
-one with its adjoint).
+solve stays first-order; on a CPU with native bfloat16 (AVX512-BF16, AMX), programs where one
+operator product costs at least 1e9 flops start with products in bfloat16 (float32
+accumulation, about twice as fast) until the objective stops falling, then go on in float32
+and float64 as above, so the certificate is unchanged. Moderately regularised programs reach
+tol=1e-6 in seconds, but at small lam (below about 1e-2 * lam_max_, nearly every gate active)
+the default max_iter may not suffice for 1e-6, and the warning is the honest outcome.
+``n_iter_`` counts first-order iterations and Newton-CG operator products (each costs one
+product with the gated operator and one with its adjoint).
 Inputs are used as given; no centering or scaling happens inside.
 """
 

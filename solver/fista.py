@@ -19,6 +19,10 @@ from .losses import SquaredLoss
 from .problem import Certificate, ConvexProgram, certificate
 
 EXTRAPOLATION_DEPTH = 5
+# See fista's min_decrease. Between checks the estimate moves by 0.9x per iteration and 2x per
+# backtracking step: on Lite0 Fashion (10 classes, 32 gates) it stayed within 29-89 for 60
+# bfloat16 iterations, then reached 84000 in the next 10 as the objective stopped falling.
+ROUNDING_L_JUMP = 100.0
 
 
 @dataclass
@@ -48,11 +52,16 @@ def fista(
     extrapolate_dual: bool = True,
     callback: Callable[[int, Certificate], None] | None = None,
     stall: int = 0,
+    min_decrease: float = 0.0,
 ) -> FistaResult:
     """Accelerated proximal gradient until the relative gap is at most tol or max_iter.
 
     With ``stall`` > 0 it also stops once the gap has not halved for that many iterations
-    (for a low-precision phase, whose certificate can stall above its tol)."""
+    (for a low-precision phase, whose certificate can stall above its tol). With
+    ``min_decrease`` > 0 (a bfloat16 phase, whose rounded values end its progress abruptly),
+    it also stops once the objective fell by less than that fraction of itself since the last
+    check, or once the step's Lipschitz estimate grew ROUNDING_L_JUMP-fold since then (the
+    backtracking test failing on rounding noise), returning the estimate of that check."""
     loss, Y = problem.loss, problem.Y
     slack = 64 * torch.finfo(W.dtype).eps
     AW = problem.forward(W)
@@ -66,6 +75,7 @@ def fista(
     extrapolate = isinstance(loss, SquaredLoss) and extrapolate_dual
     history: list[torch.Tensor] = []
     best_gap, best_at = cert.gap, 0
+    last_primal, last_L = cert.primal, L
     bias = problem.fit_bias  # without one, b stays zero: no work on it
     while not converged and it < max_iter:
         it += 1
@@ -113,6 +123,13 @@ def fista(
                 best_gap, best_at = cert.gap, it
             elif stall and it - best_at >= stall:
                 break
+            if min_decrease:
+                if L > ROUNDING_L_JUMP * last_L:  # backtracking met rounding noise
+                    L = last_L
+                    break
+                if last_primal - cert.primal < min_decrease * abs(cert.primal):
+                    break
+                last_primal, last_L = cert.primal, L
     if it % check_every and it != max_iter:
         cert = certificate(problem, W, b, AW)
         converged = cert.gap <= tol
