@@ -239,6 +239,64 @@ def test_a_stalled_float32_phase_hands_the_rest_to_float64(monkeypatch):
     assert high_gap < low_gap  # float64 went on where float32 had stalled
 
 
+def test_a_stalled_low_precision_round_ends_the_phase_with_working_sets(monkeypatch):
+    # Without this, the driver went on with longer and longer float32 rounds on the working
+    # set, each stalling in turn, while the objective moved only at rounding level. (A
+    # bfloat16 start gives the float32 phase a nonzero point, hence a working set.)
+    import solver.workingset as ws
+
+    monkeypatch.setattr(ws, "LOW_PRECISION_TOL", 1e-9)  # out of float32's reach
+    monkeypatch.setattr(ws, "LOW_PRECISION_STALL", 100)
+    monkeypatch.setattr(ws, "BF16_MIN_FLOPS", 0)
+    monkeypatch.setattr(ws, "bfloat16_speedup", lambda: 3.0)
+    X, y = small_problem(seed=3)
+    rounds = []
+    real = ws.fista
+
+    def recording(problem, W, b, **kw):
+        res = real(problem, W, b, **kw)
+        bf16 = problem.op.compute_dtype is not None
+        rounds.append((W.dtype, bf16, problem.op.n_gates, kw.get("stall", 0), res, kw["max_iter"]))
+        return res
+
+    monkeypatch.setattr(ws, "fista", recording)
+    clf = ConvexMLPClassifier(gates=40, lam=1e-2, tol=1e-10, max_iter=20000, random_state=0)
+    clf.fit(X.astype(np.float32), y)
+    low = [r for r in rounds if r[0] == torch.float32 and not r[1]]
+    assert all(r[2] < 40 for r in low)  # rounds on a working set
+    stalled = [k for k, r in enumerate(low) if r[3] and r[4].n_iter < r[5] and not r[4].converged]
+    assert stalled == [len(low) - 1]  # the first stalled round was the phase's last
+    assert rounds[-1][0] == torch.float64 and clf.duality_gap_ <= 1e-10
+
+
+def test_fista_s_stall_also_watches_the_objective(monkeypatch):
+    import solver.fista as fista_mod
+
+    X, y = small_problem(seed=3)
+    Z = torch.as_tensor(np.c_[X, np.ones(len(X))], dtype=torch.float32)
+    G = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    from solver.losses import CrossEntropyLoss
+    from solver.operator import GatedOperator
+    from solver.patterns import compute_patterns
+    from solver.penalties import GroupNuclear
+    from solver.problem import Problem
+
+    prob = Problem(
+        GatedOperator(Z, compute_patterns(Z, G)),
+        torch.as_tensor(np.eye(3)[y], dtype=torch.float32),
+        CrossEntropyLoss(),
+        GroupNuclear(),
+        1e-3,
+        True,
+    )
+    W0 = torch.zeros(6, 4, 3)
+    free = fista_mod.fista(prob, W0, prob.zero_bias(), tol=0.0, max_iter=3000, stall=200)
+    # progress that no positive objective can make: the objective's window runs out first
+    monkeypatch.setattr(fista_mod, "STALL_DECREASE", 2.0)
+    strict = fista_mod.fista(prob, W0, prob.zero_bias(), tol=0.0, max_iter=3000, stall=200)
+    assert strict.n_iter == 200 < free.n_iter
+
+
 def test_lam_path_points_stop_at_a_fifth_of_max_iter(monkeypatch):
     import solver.estimators as est_mod
 
