@@ -184,8 +184,8 @@ def test_wide_data_in_its_row_space_gives_the_full_programs_solution(monkeypatch
     assert ConvexMLPClassifier(activation="relu")._row_space(torch.ones(2, 40)) is None
 
 
-def test_fista_stops_when_its_gap_stalls_if_asked():
-    from solver.fista import fista
+def _float32_nuclear_program():
+    """A small float32 cross-entropy program with the nuclear penalty (6 gates, 3 classes)."""
     from solver.losses import CrossEntropyLoss
     from solver.operator import GatedOperator
     from solver.patterns import compute_patterns
@@ -195,7 +195,7 @@ def test_fista_stops_when_its_gap_stalls_if_asked():
     X, y = small_problem(seed=3)
     Z = torch.as_tensor(np.c_[X, np.ones(len(X))], dtype=torch.float32)
     G = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
-    prob = Problem(
+    return Problem(
         GatedOperator(Z, compute_patterns(Z, G)),
         torch.as_tensor(np.eye(3)[y], dtype=torch.float32),
         CrossEntropyLoss(),
@@ -203,6 +203,12 @@ def test_fista_stops_when_its_gap_stalls_if_asked():
         1e-3,
         True,
     )
+
+
+def test_fista_stops_when_its_gap_stalls_if_asked():
+    from solver.fista import fista
+
+    prob = _float32_nuclear_program()
     W0 = torch.zeros(6, 4, 3)
     # tol 0 is never met: without `stall` FISTA runs to max_iter; with it, it stops once the
     # float32 gap has stopped halving, long before.
@@ -272,23 +278,7 @@ def test_a_stalled_low_precision_round_ends_the_phase_with_working_sets(monkeypa
 def test_fista_s_stall_also_watches_the_objective(monkeypatch):
     import solver.fista as fista_mod
 
-    X, y = small_problem(seed=3)
-    Z = torch.as_tensor(np.c_[X, np.ones(len(X))], dtype=torch.float32)
-    G = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
-    from solver.losses import CrossEntropyLoss
-    from solver.operator import GatedOperator
-    from solver.patterns import compute_patterns
-    from solver.penalties import GroupNuclear
-    from solver.problem import Problem
-
-    prob = Problem(
-        GatedOperator(Z, compute_patterns(Z, G)),
-        torch.as_tensor(np.eye(3)[y], dtype=torch.float32),
-        CrossEntropyLoss(),
-        GroupNuclear(),
-        1e-3,
-        True,
-    )
+    prob = _float32_nuclear_program()
     W0 = torch.zeros(6, 4, 3)
     free = fista_mod.fista(prob, W0, prob.zero_bias(), tol=0.0, max_iter=3000, stall=200)
     # progress that no positive objective can make: the objective's window runs out first
