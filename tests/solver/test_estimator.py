@@ -301,7 +301,7 @@ def test_lam_path_points_stop_at_a_fifth_of_max_iter(monkeypatch):
     X, y = small_problem(seed=5)
     clf = ConvexMLPClassifier(gates=6, lam="auto", n_lams=4, max_iter=1000, random_state=0)
     clf.fit(X, y)
-    assert calls[:4] == [(1e-4, 200)] * 4  # the path: enough to rank lam
+    assert calls[:4] == [(1e-3, 200)] * 4  # the path: enough to rank lam
     assert calls[4:] == [(1e-6, 1000)]  # the fit at the chosen lam: the full budget
     assert clf.duality_gap_ <= 1e-6
 
