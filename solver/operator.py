@@ -53,13 +53,17 @@ class GatedOperator:
         self.X = X
         self.masks = masks
         self.max_elems = max_elems
+        # What restricted copies of this operator can reuse (same X): the sampled rows and
+        # their Gram X_J X_J^T, for the Newton preconditioner; X in the compute dtype.
+        self._shared = {} if _shared is None else _shared
         # With a compute dtype (bfloat16), the two big products take their operands in it and
         # accumulate in float32; inputs, outputs and the sums over gates stay in X's dtype.
         self.compute_dtype = compute_dtype
-        self._Xc = X if compute_dtype is None else X.to(compute_dtype)
-        # What restricted copies of this operator can reuse (same X): the sampled rows and
-        # their Gram X_J X_J^T, for the Newton preconditioner.
-        self._shared = {} if _shared is None else _shared
+        self._Xc = X
+        if compute_dtype is not None:
+            if ("X", compute_dtype) not in self._shared:
+                self._shared["X", compute_dtype] = X.to(compute_dtype)
+            self._Xc = self._shared["X", compute_dtype]
         # Float copies of the masks make each product one fused multiply; keep them only while
         # they cost no more than ``max_float_mask_bytes`` (else convert chunk by chunk).
         nbytes = masks.numel() * X.element_size()
@@ -131,9 +135,13 @@ class GatedOperator:
 
     def restrict(self, idx: torch.Tensor) -> GatedOperator:
         """The operator on a subset of gates (a working set)."""
-        op = GatedOperator(self.X, self.masks[:, idx], self.max_elems, _shared=self._shared)
-        op.compute_dtype, op._Xc = self.compute_dtype, self._Xc
-        return op
+        return GatedOperator(
+            self.X,
+            self.masks[:, idx],
+            self.max_elems,
+            _shared=self._shared,
+            compute_dtype=self.compute_dtype,
+        )
 
     def to(self, dtype: torch.dtype) -> GatedOperator:
         return GatedOperator(self.X.to(dtype), self.masks, self.max_elems)

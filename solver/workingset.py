@@ -190,7 +190,7 @@ def _bfloat16_start(problem: Problem) -> Problem | None:
     op = problem.op
     if applies(problem) or not isinstance(op, GatedOperator) or op.compute_dtype is not None:
         return None
-    if op.X.device.type != "cpu" or not op.X.dtype.is_floating_point:
+    if op.X.device.type != "cpu":
         return None
     n, d = op.X.shape
     if 2 * n * d * op.n_gates * problem.Y.shape[1] < BF16_MIN_FLOPS:
