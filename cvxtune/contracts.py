@@ -172,6 +172,14 @@ class MLPHead(_Head):
     fit_intercept: bool = True
     tol: Tol = 1e-6
     max_iter: MaxIter = None
+    # Column generation: rounds that add fresh gates violating the dual constraint (gated only).
+    pricing_rounds: int = Field(default=0, ge=0, le=8)
+
+    @model_validator(mode="after")
+    def _pricing_needs_gates(self) -> MLPHead:
+        if self.pricing_rounds and self.activation != "gated_relu":
+            raise ValueError("pricing_rounds needs activation 'gated_relu'")
+        return self
 
 
 class CNNHead(_Head):

@@ -39,6 +39,16 @@ tol=1e-6 in seconds, but at small lam (below about 1e-2 * lam_max_, nearly every
 the default max_iter may not suffice for 1e-6, and the warning is the honest outcome.
 ``n_iter_`` counts first-order iterations and Newton-CG operator products (each costs one
 product with the gated operator and one with its adjoint).
+
+After the fit, ``pricing_violation_`` is the largest ratio ||(D_g Z)^T theta||_dual / lam over
+``pricing_gates`` fresh random gates (theta = -grad of the loss at the fit): above 1, some
+pattern outside the sample would lower the objective. With ``pricing_rounds=k`` (gated ReLU
+only) the estimator acts on it, as column generation: up to k times it prices a fresh draw,
+appends the violating gates (the most violating first, at most as many as it has, so a round
+at most doubles the program; duplicate patterns dropped), and solves the grown program from
+the current weights (each solve with its own ``max_iter``; ``n_iter_`` sums them). ``gates_``
+and the certificate are then those of the grown program, ``pricing_added_`` lists the gates
+each round added, and ``pricing_violation_`` is measured on a draw no round used.
 Inputs are used as given; no centering or scaling happens inside.
 """
 
@@ -99,6 +109,7 @@ class _ConvexMLP(NeuronHead):
         lam_min_ratio: float = 1e-3,
         validation_fraction: float = 0.2,
         pricing_gates: int = 256,
+        pricing_rounds: int = 0,
     ):
         self.activation = activation
         self.gates = gates
@@ -114,6 +125,7 @@ class _ConvexMLP(NeuronHead):
         self.lam_min_ratio = lam_min_ratio
         self.validation_fraction = validation_fraction
         self.pricing_gates = pricing_gates
+        self.pricing_rounds = pricing_rounds
 
     # -- parameters ---------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -121,6 +133,16 @@ class _ConvexMLP(NeuronHead):
         if self._loss_name() not in self._allowed_losses():
             raise ValueError(f"loss must be one of {self._allowed_losses()}, got {self.loss!r}")
         self._check_lam_and_tol()
+        rounds = self.pricing_rounds
+        if not isinstance(rounds, (int, np.integer)) or isinstance(rounds, bool) or rounds < 0:
+            raise ValueError(f"pricing_rounds must be a non-negative integer, got {rounds!r}")
+        if rounds and self.activation == "relu":
+            raise ValueError(
+                "pricing_rounds needs activation='gated_relu' (the exact ReLU "
+                "program's patterns carry cone constraints pricing does not check)"
+            )
+        if rounds and self.pricing_gates <= 0:
+            raise ValueError("pricing_rounds needs pricing_gates > 0: the fresh gates to price")
 
     def _allowed_losses(self) -> tuple[str, ...]:
         return ("squared",)
@@ -190,16 +212,25 @@ class _ConvexMLP(NeuronHead):
             return self._fit_relu(Z, masks, Y, loss, progress)
         problem = Problem(GatedOperator(Zs, masks), Y, loss, pen, self.lam_, self.fit_intercept)
         W = W0 if W0 is not None else Z.new_zeros(masks.shape[1], Zs.shape[1], Y.shape[1])
-        b = problem.zero_bias()
-        res = solve(
-            problem,
-            W,
-            b,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            working_set=self.working_set,
-            callback=_progress_adapter(progress, self.tol),
-        )
+        res = self._solve(problem, W, problem.zero_bias(), progress)
+        n_iter, self.pricing_added_ = res.n_iter, []
+        for r in range(self.pricing_rounds):
+            seed = 20_011 + 7_919 * r + (self.random_state or 0)
+            fresh, ratio = self._fresh_gate_ratios(Z, problem, res.W, res.b, seed)
+            grown = self._add_violating(Z, G, masks, fresh, ratio)
+            if grown is None:
+                break
+            self.pricing_added_.append(grown[0].shape[1] - G.shape[1])
+            G, masks = grown
+            W = torch.cat(
+                [res.W, res.W.new_zeros(masks.shape[1] - res.W.shape[0], *res.W.shape[1:])]
+            )
+            problem = Problem(GatedOperator(Zs, masks), Y, loss, pen, self.lam_, self.fit_intercept)
+            res = self._solve(problem, W, res.b.to(Zs.dtype), progress)
+            n_iter += res.n_iter
+        if self.pricing_added_:
+            self.gates_ = G
+            self.lam_max_ = lam_max(Z, masks, Y, loss, pen, self.fit_intercept)
         W, cert, converged = res.W, res.cert, res.converged
         if reduced is not None:
             # Back to the features, and the certificate of the program as stated, in the
@@ -209,9 +240,20 @@ class _ConvexMLP(NeuronHead):
             final = problem if W.dtype == Z.dtype else problem.to(W.dtype)
             cert = certificate(final, W, res.b, final.forward(W))
             converged = cert.gap <= self.tol
-        self._store(W, res.b, cert, res.n_iter, converged, 0.0)
-        self.pricing_violation_ = self._pricing(Z, Y, problem, W, res.b)
+        self._store(W, res.b, cert, n_iter, converged, 0.0)
+        self.pricing_violation_ = self._pricing(Z, problem, W, res.b)
         return self._finish(progress)
+
+    def _solve(self, problem: Problem, W: torch.Tensor, b: torch.Tensor, progress):
+        return solve(
+            problem,
+            W,
+            b,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            working_set=self.working_set,
+            callback=_progress_adapter(progress, self.tol),
+        )
 
     def _row_space(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(Z V, V) for an orthonormal basis V (d, r) of Z's row space, when Z has at most 3/4
@@ -247,7 +289,7 @@ class _ConvexMLP(NeuronHead):
             callback=_progress_adapter(progress, self.tol),
         )
         self._store(res.U, res.b, res.cert, res.n_iter, res.converged, res.violation)
-        self.pricing_violation_ = float("nan")
+        self.pricing_violation_, self.pricing_added_ = float("nan"), []
         return self._finish(progress)
 
     def _choose_lam(self, Z, masks, Y, loss, pen, progress):
@@ -286,20 +328,46 @@ class _ConvexMLP(NeuronHead):
         ss_tot = float((Y - Y.mean(dim=0)).square().sum())
         return 1.0 - ss_res / ss_tot if ss_tot > 0 else -ss_res
 
-    def _pricing(self, Z, Y, problem, W, b) -> float:
+    def _pricing(self, Z, problem, W, b) -> float:
         """Largest dual-constraint ratio ||A_g^T theta|| / lam over fresh random gates.
 
         A value above 1 means the sampled program misses patterns that would lower the
         objective of the full (all-patterns) program; at or below 1 none of the fresh gates does.
+        The draw is never one that ``pricing_rounds`` added gates from.
         """
         if self.pricing_gates <= 0 or problem.lam <= 0:
             return float("nan")
-        gen = torch.Generator().manual_seed(10_007 + (self.random_state or 0))
+        _, ratio = self._fresh_gate_ratios(Z, problem, W, b, 10_007 + (self.random_state or 0))
+        return float(ratio.max())
+
+    def _fresh_gate_ratios(self, Z, problem, W, b, seed: int):
+        """(G, ratio): ``pricing_gates`` fresh gates and, per gate, ||A_g^T theta|| / lam with
+        theta = -grad of the loss at the current outputs. A ratio above 1 means adding that
+        gate's block (at zero) lets the objective fall. ``problem`` may act on Z's row-space
+        coordinates (see ``_row_space``): the norms are the same there."""
+        gen = torch.Generator().manual_seed(seed)
         G = sample_gates(Z, self.pricing_gates, gen, anchored=self.fit_intercept)
-        op = GatedOperator(Z, compute_patterns(Z, G))
-        F = problem.op.matvec(W.to(Z.dtype)) + b.to(Z.dtype)
-        theta = -problem.loss.grad(F, Y)
-        return float(problem.penalty.dual_norms(op.rmatvec(theta)).max()) / problem.lam
+        op = GatedOperator(problem.op.X, compute_patterns(Z, G))
+        dtype = problem.Y.dtype
+        F = problem.op.matvec(W.to(dtype)) + b.to(dtype)
+        theta = -problem.loss.grad(F, problem.Y)
+        return G, problem.penalty.dual_norms(op.rmatvec(theta)) / problem.lam
+
+    @staticmethod
+    def _add_violating(Z, G, masks, fresh, ratio):
+        """(gates, patterns) with the fresh gates whose ratio exceeds 1 appended, the most
+        violating first and at most as many as there are gates (so a round at most doubles the
+        program), their patterns deduplicated against the current ones; None when none is new."""
+        order = torch.argsort(ratio, descending=True)
+        order = order[ratio[order] > 1.0][: G.shape[1]]
+        if order.numel() == 0:
+            return None
+        G2 = torch.cat([G, fresh[:, order]], dim=1)
+        masks2 = torch.cat([masks, compute_patterns(Z, fresh[:, order])], dim=1)
+        keep = unique_patterns(masks2)
+        if keep.numel() <= G.shape[1]:
+            return None
+        return G2[:, keep], masks2[:, keep]
 
     # -- prediction ---------------------------------------------------------------------------
     def decision_function(self, X: Any) -> torch.Tensor:

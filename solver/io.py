@@ -33,6 +33,7 @@ COMMON_SCALARS = (
 SCALARS = (
     *COMMON_SCALARS,
     "pricing_violation_",
+    "pricing_added_",
     "n_features_in_",
 )
 

@@ -39,6 +39,11 @@ def test_idempotency_key(client, auth, dataset, queue):
 BAD = {
     "unknown head option": ({"head": {"kind": "mlp", "learning_rate": 1}}, 422, "invalid_input"),
     "unknown head kind": ({"head": {"kind": "transformer"}}, 422, "invalid_input"),
+    "pricing on relu": (
+        {"head": {"kind": "mlp", "activation": "relu", "pricing_rounds": 2}},
+        422,
+        "invalid_input",
+    ),
     "negative lam": ({"lam": -1}, 422, "invalid_input"),
     "lam word": ({"lam": "big"}, 422, "invalid_input"),
     "validation fraction": ({"validation_fraction": 1.5}, 422, "invalid_input"),

@@ -348,6 +348,7 @@ def test_head_spec_stays_backward_compatible():
         "loss": "cross_entropy",
         "fit_intercept": True,
         "tol": 1e-4,
+        "pricing_rounds": 0,
         "max_iter": 300,
     }
     assert HeadSpec().model_dump() == {

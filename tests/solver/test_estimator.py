@@ -137,6 +137,57 @@ def test_pricing_reports_the_dual_constraint_on_fresh_gates():
     assert many.pricing_violation_ < few.pricing_violation_
 
 
+def test_pricing_rounds_add_violating_gates_and_certify_the_grown_program(tmp_path):
+    X, y = small_problem(seed=12, n=60)
+    base = ConvexMLPClassifier(gates=3, lam=0.005, random_state=0).fit(X, y)
+    grown = ConvexMLPClassifier(gates=3, lam=0.005, random_state=0, pricing_rounds=3).fit(X, y)
+    added = grown.pricing_added_
+    assert added and all(0 < k <= 3 * 2**r for r, k in enumerate(added))
+    assert grown.gates_.shape[1] == 3 + sum(added)
+    assert torch.equal(grown.gates_[:, :3], base.gates_)
+    assert grown.duality_gap_ <= 1e-6 and grown.objective_ < base.objective_ - 1e-4
+    assert grown.pricing_violation_ < base.pricing_violation_
+    # The certificate is for the program over the grown gates: solving that program from
+    # scratch, with the gates given, reaches the same objective.
+    again = ConvexMLPClassifier(gates=grown.gates_, lam=0.005, random_state=0).fit(X, y)
+    assert again.objective_ == pytest.approx(grown.objective_, rel=1e-5)
+    # Priced gates beat as many random ones.
+    random = ConvexMLPClassifier(gates=grown.gates_.shape[1], lam=0.005, random_state=0).fit(X, y)
+    assert grown.objective_ < random.objective_
+    module = grown.to_torch()
+    with torch.no_grad():
+        out = module(torch.as_tensor(X))
+    assert torch.allclose(out, grown.decision_function(X), atol=1e-8)
+    grown.save(tmp_path / "h")
+    loaded = load(tmp_path / "h")
+    assert loaded.pricing_added_ == added and torch.equal(loaded.gates_, grown.gates_)
+
+
+def test_pricing_rounds_stop_when_no_fresh_gate_violates():
+    X, y = small_problem(seed=12, n=60)
+    probe = ConvexMLPClassifier(gates=3, lam=1.0, random_state=0).fit(X, y)
+    # Far above every gate's threshold: nothing violates, nothing is added, W stays 0.
+    clf = ConvexMLPClassifier(
+        gates=3, lam=100 * probe.lam_max_, random_state=0, pricing_rounds=2
+    ).fit(X, y)
+    assert clf.pricing_added_ == [] and clf.gates_.shape[1] == 3 and clf.n_neurons_ == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pricing_rounds": -1}, "non-negative integer"),
+        ({"pricing_rounds": 1.5}, "non-negative integer"),
+        ({"pricing_rounds": 1, "activation": "relu"}, "gated_relu"),
+        ({"pricing_rounds": 1, "pricing_gates": 0}, "pricing_gates"),
+    ],
+)
+def test_pricing_rounds_refuses_bad_settings(kwargs, match):
+    X, y = small_problem(seed=12, n=30)
+    with pytest.raises(ValueError, match=match):
+        ConvexMLPClassifier(gates=3, lam=0.01, **kwargs).fit(X, y)
+
+
 def test_lam_auto_picks_from_a_warm_started_path():
     X, y = small_problem(seed=13, n=120)
     clf = ConvexMLPClassifier(gates=8, lam="auto", n_lams=6, random_state=0).fit(X, y)
