@@ -449,6 +449,8 @@ def fit_convex_classifier(D: dict, gates: int, lam, device: str, args) -> dict:
         random_state=0,
         max_iter=args.mc_max_iter or args.max_iter,
         working_set=bool(args.mc_working_set),
+        pricing_rounds=args.pricing_rounds,
+        pricing_gates=args.pricing_gates,
     )
     trace: list[tuple[float, float]] = []
 
@@ -466,8 +468,16 @@ def fit_convex_classifier(D: dict, gates: int, lam, device: str, args) -> dict:
     obj = objective_cross_entropy(
         Z, D["ytr"], _np(est.gates_), _np(est.weights_), _np(est.intercept_), est.lam_
     )
-    acc = float(np.mean(est.predict(torch.as_tensor(D["Xte"]).to(device)) == D["yte"]))
-    return {"est": est, "seconds": seconds, "objective": obj, "test_acc": acc, "trace": trace}
+    pred = np.asarray(est.predict(torch.as_tensor(D["Xte"]).to(device)))
+    acc = float(np.mean(pred == D["yte"]))
+    return {
+        "est": est,
+        "seconds": seconds,
+        "objective": obj,
+        "test_acc": acc,
+        "pred": pred,
+        "trace": trace,
+    }
 
 
 def adam_run(
@@ -539,7 +549,20 @@ def adam_run(
         "best_objective": best,
         "seconds_to_convex": reach,
         "test_acc": float(np.mean(pred == D["yte"])),
+        "pred": pred,
     }
+
+
+def paired(ours: np.ndarray, theirs: np.ndarray, y: np.ndarray) -> dict:
+    """McNemar's exact test on one test set: images only the convex head gets right (b), only
+    the other model gets right (c), and the two-sided binomial p-value of b against c. Two
+    accuracies 0.005 apart on 2000 images are often within chance; this says whether."""
+    from scipy.stats import binomtest
+
+    a, t = ours == y, theirs == y
+    b, c = int((a & ~t).sum()), int((~a & t).sum())
+    p = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    return {"only_convex": b, "only_other": c, "p_value": float(p)}
 
 
 def bench_multiclass(datasets: dict, args) -> list[dict]:
@@ -583,6 +606,8 @@ def bench_multiclass(datasets: dict, args) -> list[dict]:
             "cvx_n_iter": est.n_iter_,
             "cvx_neurons": est.n_neurons_,
             "cvx_pricing_violation": est.pricing_violation_,
+            "cvx_pricing_added": est.pricing_added_,
+            "cvx_gates_final": int(est.gates_.shape[1]),
             "cvx_test_acc": cv["test_acc"],
         }
         if "adam" in args.only:
@@ -596,6 +621,9 @@ def bench_multiclass(datasets: dict, args) -> list[dict]:
                 for s in seeds
             ]
             best = min(runs, key=lambda r: r["best_objective"])
+            row["paired_vs_adam_best"] = paired(cv["pred"], best["pred"], S["yte"])
+            for r in runs:
+                del r["pred"]
             reached = [r for r in runs if r["seconds_to_convex"] is not None]
             at_budget = [o for t, o in cv["trace"] if t <= budget]
             row |= {
@@ -625,6 +653,7 @@ def bench_multiclass(datasets: dict, args) -> list[dict]:
                 model.fit(S["Xtr"], S["ytr"])
                 row[f"{name}_seconds"] = time.perf_counter() - t0
                 row[f"{name}_test_acc"] = float(model.score(S["Xte"], S["yte"]))
+                row[f"paired_vs_{name}"] = paired(cv["pred"], model.predict(S["Xte"]), S["yte"])
         rows.append(row)
         print(_fmt_row({k: v for k, v in row.items() if k != "adam_runs"}), flush=True)
     return rows
@@ -740,6 +769,11 @@ def bench_scaling(args) -> list[dict]:
 # -- main ------------------------------------------------------------------------------------
 
 
+def _paired_cell(row: dict, other: str) -> str | None:
+    pr = row.get(f"paired_vs_{other}")
+    return None if pr is None else f"{pr['only_convex']} / {pr['only_other']} ({pr['p_value']:.2f})"
+
+
 def print_tables(res: dict) -> None:
     def table(title, rows, cols):
         if not rows:
@@ -783,7 +817,7 @@ def print_tables(res: dict) -> None:
         [
             ("dataset", "dataset"),
             ("n", "n"),
-            ("gates", "gates"),
+            ("gates (after pricing)", lambda r: f"{r['gates']} ({r.get('cvx_gates_final')})"),
             ("lam", "lam"),
             ("cvx s", "cvx_seconds"),
             ("cvx obj", "cvx_objective"),
@@ -802,6 +836,8 @@ def print_tables(res: dict) -> None:
             ("logreg acc", "logreg_test_acc"),
             ("mlp s", "mlp_seconds"),
             ("mlp acc", "mlp_test_acc"),
+            ("vs mlp: only cvx / only mlp (p)", lambda r: _paired_cell(r, "mlp")),
+            ("vs adam: only cvx / only adam (p)", lambda r: _paired_cell(r, "adam_best")),
         ],
     )
     table(
@@ -857,6 +893,12 @@ def main() -> None:
         type=int,
         default=0,
         help="multi-class cvxtune working_set (see README for why 0)",
+    )
+    ap.add_argument(
+        "--pricing-rounds", type=int, default=0, help="multi-class: column-generation rounds"
+    )
+    ap.add_argument(
+        "--pricing-gates", type=int, default=256, help="multi-class: fresh gates priced per round"
     )
     ap.add_argument("--adam-seconds", type=float, default=30.0, help="cap per Adam run")
     ap.add_argument("--adam-epochs", type=int, default=200)

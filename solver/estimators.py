@@ -197,7 +197,7 @@ class _ConvexMLP(NeuronHead):
         G = self._gates_for(Z)
         masks = compute_patterns(Z, G)
         keep = unique_patterns(masks)
-        self.gates_ = G[:, keep]
+        G = self.gates_ = G[:, keep]
         masks = masks[:, keep]
         loss: SquaredLoss | CrossEntropyLoss = LOSSES[self._loss_name()]()
         pen: GroupFrobenius | GroupNuclear = PENALTIES[self.penalty]()

@@ -163,6 +163,17 @@ def test_pricing_rounds_add_violating_gates_and_certify_the_grown_program(tmp_pa
     assert loaded.pricing_added_ == added and torch.equal(loaded.gates_, grown.gates_)
 
 
+def test_pricing_rounds_keep_gates_and_weights_aligned_after_dropping_duplicates():
+    X, y = small_problem(seed=12, n=60)
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((X.shape[1], 2))
+    given = np.concatenate([g[:, :1], g[:, :1], g[:, 1:]], axis=1)  # a duplicate pattern
+    clf = ConvexMLPClassifier(gates=given, lam=0.005, random_state=0, pricing_rounds=2).fit(X, y)
+    assert clf.pricing_added_ and clf.gates_.shape[1] == 2 + sum(clf.pricing_added_)
+    again = ConvexMLPClassifier(gates=clf.gates_, lam=0.005, random_state=0).fit(X, y)
+    assert again.objective_ == pytest.approx(clf.objective_, rel=1e-5)
+
+
 def test_pricing_rounds_stop_when_no_fresh_gate_violates():
     X, y = small_problem(seed=12, n=60)
     probe = ConvexMLPClassifier(gates=3, lam=1.0, random_state=0).fit(X, y)
