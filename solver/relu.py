@@ -25,6 +25,7 @@ import torch
 
 from .fista import fista
 from .losses import CrossEntropyLoss, SquaredLoss
+from .operator import matmul_tn
 from .problem import Certificate, certificate
 
 
@@ -61,7 +62,7 @@ class ReLUProblem:
 
     def _adjoint(self, R: torch.Tensor) -> torch.Tensor:
         n, q, c = R.shape
-        return (self.Z.T @ R.reshape(n, q * c)).view(-1, q, c).permute(1, 0, 2)
+        return matmul_tn(self.Z, R.reshape(n, q * c)).reshape(-1, q, c).permute(1, 0, 2)
 
     def smooth_grad(self, raw: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gF = self.loss.grad(self.outputs(raw) + b, self.Y)

@@ -269,11 +269,21 @@ def test_save_load_round_trip(tmp_path):
         ({}, np.ones((4, 2, 3, 3)), [0, 1, 0], "samples"),
         ({"stride": 0}, np.ones((4, 2, 3, 3)), [0, 1, 0, 1], "stride"),
         ({"activation": "tanh"}, np.ones((4, 2, 3, 3)), [0, 1, 0, 1], "activation"),
+        ({}, np.where(np.eye(3) > 0, np.nan, 1.0) * np.ones((4, 2, 3, 3)), [0, 1, 0, 1], "NaN"),
+        ({}, np.full((4, 2, 3, 3), -np.inf), [0, 1, 0, 1], "NaN or infinite"),
     ],
 )
 def test_bad_input_is_refused_clearly(kwargs, X, y, message):
     with pytest.raises(ValueError, match=message):
         ConvexCNNClassifier(**kwargs).fit(X, y)
+
+
+def test_finite_maps_whose_sum_overflows_are_accepted():
+    # The cheap check (is the sum finite?) fails here; the entry-wise one must then accept.
+    X = np.full((4, 2, 3, 3), 3e38, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(X.sum(dtype=np.float32))
+    assert ConvexCNNClassifier()._feature_map(X).shape == (4, 2, 3, 3)
 
 
 def test_predict_refuses_other_channels_and_unfitted():
