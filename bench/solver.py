@@ -574,7 +574,7 @@ def bench_multiclass(datasets: dict, args) -> list[dict]:
         S = standardize(D)
         gates = 64 if args.quick else args.gates
         lam, lmax = args.lam, None
-        if lam != "auto":
+        if lam != "auto" and not args.lam_absolute:
             # the same gates the estimator will sample (random_state=0), to get lam_max first
             from solver import ConvexMLPClassifier
 
@@ -887,6 +887,11 @@ def main() -> None:
         "--lam",
         default="1e-2",
         help='multi-class lam: "auto", or a number r meaning lam = r * lam_max',
+    )
+    ap.add_argument(
+        "--lam-absolute",
+        action="store_true",
+        help="multi-class: --lam is lam itself, not a ratio (to compare gate counts at one lam)",
     )
     ap.add_argument(
         "--mc-working-set",
