@@ -195,6 +195,8 @@ def convex_fit(kind: str, D: dict, args) -> dict:
     elif kind == "cnn":
         Xtr, Xte = D["Mtr"].astype(np.float32), D["Mte"].astype(np.float32)
         cls, kw = cvx.ConvexCNNClassifier, {"gates": args.gates, "n_components": args.components}
+        if args.cnn_cache_gb is not None:
+            kw["cache_bytes"] = int(args.cnn_cache_gb * (1 << 30))
     else:
         Xtr = D["Mtr"].astype(np.float32).reshape(len(D["ytr"]), 1280, -1).transpose(0, 2, 1)
         Xte = D["Mte"].astype(np.float32).reshape(len(D["yte"]), 1280, -1).transpose(0, 2, 1)
@@ -371,6 +373,12 @@ def main() -> None:
     ap.add_argument("--gates", type=int, default=64)
     ap.add_argument("--components", type=int, default=64, help="CNN head: PCA channels")
     ap.add_argument("--attn-components", type=int, default=16, help="attention: PCA dims")
+    ap.add_argument(
+        "--cnn-cache-gb",
+        type=float,
+        default=None,
+        help="CNN head: cache_bytes in GiB (its masked patches stay in memory up to this)",
+    )
     ap.add_argument("--lam-ratio", type=float, default=1e-2, help="lam / lam_max")
     ap.add_argument("--max-iter", type=int, default=2000)
     ap.add_argument("--adam-seconds", type=float, default=60.0)
