@@ -143,6 +143,8 @@ class _ConvexMLP(NeuronHead):
             )
         if rounds and self.pricing_gates <= 0:
             raise ValueError("pricing_rounds needs pricing_gates > 0: the fresh gates to price")
+        if rounds and self.lam == 0:
+            raise ValueError("pricing_rounds needs lam > 0 (at lam = 0 every gate violates)")
 
     def _allowed_losses(self) -> tuple[str, ...]:
         return ("squared",)

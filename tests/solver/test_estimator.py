@@ -191,12 +191,13 @@ def test_pricing_rounds_stop_when_no_fresh_gate_violates():
         ({"pricing_rounds": 1.5}, "non-negative integer"),
         ({"pricing_rounds": 1, "activation": "relu"}, "gated_relu"),
         ({"pricing_rounds": 1, "pricing_gates": 0}, "pricing_gates"),
+        ({"pricing_rounds": 1, "lam": 0.0}, "lam > 0"),
     ],
 )
 def test_pricing_rounds_refuses_bad_settings(kwargs, match):
     X, y = small_problem(seed=12, n=30)
     with pytest.raises(ValueError, match=match):
-        ConvexMLPClassifier(gates=3, lam=0.01, **kwargs).fit(X, y)
+        ConvexMLPClassifier(**{"gates": 3, "lam": 0.01, **kwargs}).fit(X, y)
 
 
 def test_lam_auto_picks_from_a_warm_started_path():
