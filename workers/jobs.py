@@ -451,6 +451,10 @@ def fit(job_id: str, env: Env | None = None) -> None:
         "lam_max": _num(getattr(clf, "lam_max_", None)),
         "converged": bool(getattr(clf, "converged_", True)),
         "pricing_violation": _num(getattr(clf, "pricing_violation_", None)),
+        # Gates each pricing round added (only when rounds were asked for).
+        "pricing_added": (
+            [int(k) for k in clf.pricing_added_] if getattr(clf, "pricing_rounds", 0) else None
+        ),
         "n_train": int(train.size),
         "fit_seconds": round(seconds, 4),
     }
@@ -566,7 +570,7 @@ CERTIFICATE = (
     "lam_max",
     "pricing_violation",
 )
-KIND_CERTIFICATE = ("n_heads", "constraint_violation")
+KIND_CERTIFICATE = ("n_heads", "constraint_violation", "pricing_added")
 
 
 def _certificate(fit_: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ SMALL = {"tol": 1e-4, "max_iter": 2000}
 KINDS = {
     # kind: (backbone, head options, lam, per-sample input shape); each lam is about 3e-2
     # lam_max here, where the solvers certify tol in a few hundred iterations.
-    "mlp": (LITE, {"kind": "mlp", "gates": 8, **SMALL}, 0.1, [1280]),
+    "mlp": (LITE, {"kind": "mlp", "gates": 8, "pricing_rounds": 1, **SMALL}, 0.1, [1280]),
     "cnn": (LITE, {"kind": "cnn", "gates": 8, "n_components": 8, **SMALL}, 0.1, [1280, 7, 7]),
     "attention": (
         VIT,
@@ -104,6 +104,11 @@ def test_finetune_and_predict_each_kind(client, auth, settings, queue, fashion, 
     assert cert["converged"] is True and 0 <= cert["duality_gap"] <= 1e-4
     kept = cert["n_heads"] if kind == "attention" else cert["n_neurons"]
     assert isinstance(kept, int) and kept >= 1
+    if kind == "mlp":  # one pricing round asked for: what it added is on record
+        (added,) = cert["pricing_added"]  # the head below predicts with the grown gates
+        assert 0 < added <= 8
+    else:
+        assert "pricing_added" not in cert
     val = head["metrics"]["validation"]
     assert val["n"] == 3 and sum(map(sum, val["confusion_matrix"])) == 3
     if backbone == LITE:  # pretrained features separate these classes
