@@ -88,3 +88,74 @@ def test_fista_s_min_decrease_stops_a_phase_whose_objective_no_longer_falls():
     assert stopped.n_iter == 10
     start = certificate(prob, W0, b0, op.matvec(W0)).primal
     assert stopped.cert.primal < 0.99 * start  # it did make progress until then
+
+
+def test_the_cnn_operator_computes_in_bfloat16_when_its_patches_are_cached(monkeypatch):
+    from solver.cnn_operator import ConvGeometry, ConvOperator
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(40, 3, 4, 4, generator=g, dtype=torch.float64)
+    geo = ConvGeometry(2, 1, 0, True)
+    masks = geo.masks(
+        X,
+        torch.randn(6, 3, 2, 2, generator=g, dtype=torch.float64),
+        torch.zeros(6, dtype=torch.float64),
+    )
+    exact = ConvOperator(X, masks, geo)
+    low = exact.computing_in(torch.bfloat16)
+    assert low is not None and low.compute_dtype == torch.bfloat16
+    W = torch.randn(6, exact.h, 3, generator=g, dtype=torch.float64)
+    R = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    for idx in (None, [4, 1]):  # all gates, and a working set of two
+        op = low if idx is None else low.restrict(torch.tensor(idx))
+        ref = exact if idx is None else exact.restrict(torch.tensor(idx))
+        Wi = W if idx is None else W[idx]
+        got, got_adj = op.matvec(Wi.float()), op.rmatvec(R.float())
+        assert got.dtype == got_adj.dtype == torch.float32
+        want, want_adj = ref.matvec(Wi), ref.rmatvec(R)
+        err = float((got.double() - want).norm() / want.norm())
+        err_adj = float((got_adj.double() - want_adj).norm() / want_adj.norm())
+        assert 1e-6 < err < 2e-2 and 1e-6 < err_adj < 2e-2  # rounded, but only that much
+    # Without the cached patches there is no bfloat16 copy to compute with.
+    assert ConvOperator(X, masks, geo, cache_bytes=0).computing_in(torch.bfloat16) is None
+    monkeypatch.setattr(ws, "BF16_MIN_FLOPS", 0)
+    monkeypatch.setattr(ws, "bfloat16_speedup", lambda: 3.0)
+    Y = torch.zeros(40, 3, dtype=torch.float64)
+    start = ws._bfloat16_start(ws.Problem(exact, Y, CrossEntropyLoss(), GroupNuclear(), 1e-3, True))
+    assert start is not None and start.op.compute_dtype == torch.bfloat16
+    blocked = ConvOperator(X, masks, geo, cache_bytes=0)
+    assert (
+        ws._bfloat16_start(ws.Problem(blocked, Y, CrossEntropyLoss(), GroupNuclear(), 1e-3, True))
+        is None
+    )
+
+
+def test_a_cnn_fit_with_a_bfloat16_start_ends_at_the_same_certified_optimum(monkeypatch):
+    from solver import ConvexCNNClassifier
+    from solver.cnn_operator import ConvOperator
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((120, 4, 5, 5)).astype(np.float32)
+    y = (X[:, 0].mean(axis=(1, 2)) > 0).astype(int) + (X[:, 1, 2, 2] > 0.5).astype(int)
+    built = []
+    original = ConvOperator.computing_in
+
+    def spy(self, dtype):
+        built.append(dtype)
+        return original(self, dtype)
+
+    def fit(speedup):
+        monkeypatch.setattr(ws, "BF16_MIN_FLOPS", 0)
+        monkeypatch.setattr(ws, "bfloat16_speedup", lambda: speedup)
+        monkeypatch.setattr(ConvOperator, "computing_in", spy)
+        return ConvexCNNClassifier(
+            gates=8, lam=3e-3, n_components=None, random_state=0, max_iter=20000
+        ).fit(X, y)
+
+    fast = fit(3.0)
+    assert built == [torch.bfloat16] and fast.converged_ and fast.duality_gap_ <= 1e-6
+    built.clear()
+    ref = fit(1.0)
+    assert built == [] and ref.converged_
+    assert fast.objective_ == pytest.approx(ref.objective_, rel=5e-6)
+    assert np.array_equal(fast.predict(X), ref.predict(X))
