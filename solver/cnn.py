@@ -35,10 +35,7 @@ For n = 10k, 1280 x 7 x 7 inputs, k = 1 and the defaults (64 components, 128 gat
 333 MB in float32 (666 MB for the float64 polish) where 1280 raw channels would need 6.5 GB;
 500 iterations with 64 gates took 46 s on one core (512 components: 294 s, phi 1.3 GB, so
 ``cache_bytes`` raised). Beyond the budget phi is rebuilt in blocks at each
-product (about B times slower): with k = 3, lower n_components or gates. With phi cached, on a
-CPU with native bfloat16, programs whose product costs at least 1e9 flops start with phi's
-bfloat16 copy (half phi's memory more, for that phase), as the MLP head does: 512 components,
-200 iterations 158.5 -> 124.4 s, setup included.
+product (about B times slower): with k = 3, lower n_components or gates.
 Device and dtype follow the inputs.
 """
 

@@ -83,7 +83,6 @@ class ConvOperator:
         cache_bytes: int = 1 << 30,
         max_elems: int = 1 << 23,
         phi: torch.Tensor | None = None,
-        compute_dtype: torch.dtype | None = None,
     ):
         self.X = X
         self.masks = masks
@@ -95,17 +94,6 @@ class ConvOperator:
         if phi is None and n * p * self.h * X.element_size() <= cache_bytes:
             phi = self._build_phi()
         self.phi = phi
-        # With a compute dtype (bfloat16; cached phi only), the two products take phi's copy in
-        # it (half phi's memory more) and W or R cast to it; outputs stay in X's dtype.
-        self.compute_dtype = compute_dtype if phi is not None else None
-        self._phic = phi
-        if phi is not None and compute_dtype is not None:
-            self._phic = phi.to(compute_dtype)
-
-    def product_flops(self, c: int) -> int:
-        """Multiply-adds times 2 of one product with c outputs (the cached phi's size)."""
-        n, p, _ = self.masks.shape
-        return 2 * n * p * self.h * c
 
     @property
     def n_gates(self) -> int:
@@ -144,9 +132,8 @@ class ConvOperator:
         """(p, h, c) -> (n, c)."""
         p, h, c = W.shape
         n = self.masks.shape[0]
-        if self._phic is not None:
-            Wc = W.reshape(p * h, c).to(self._phic.dtype)
-            return matmul_nn(self._phic.reshape(n, p * h), Wc).to(self.X.dtype)
+        if self.phi is not None:
+            return matmul_nn(self.phi.reshape(n, p * h), W.reshape(p * h, c))
         out = self.X.new_zeros(n, c)
         for rows, gates, block in self._blocks():
             m, g = block.shape[0], block.shape[1]
@@ -157,16 +144,15 @@ class ConvOperator:
         """(n, c) -> (p, h, c): block j is (1/B) sum_b X_b^T D_jb R."""
         n, c = R.shape
         p, h = self.n_gates, self.h
-        if self._phic is not None:
-            Rc = R.to(self._phic.dtype)
-            return matmul_tn(self._phic.reshape(n, p * h), Rc).to(self.X.dtype).reshape(p, h, c)
+        if self.phi is not None:
+            return matmul_tn(self.phi.reshape(n, p * h), R).reshape(p, h, c)
         out = self.X.new_zeros(p, h, c)
         for rows, gates, block in self._blocks():
             m, g = block.shape[0], block.shape[1]
             out[gates] += matmul_tn(block.reshape(m, g * h), R[rows]).reshape(g, h, c)
         return out
 
-    def _like(self, X, masks, phi, compute_dtype=None) -> ConvOperator:
+    def _like(self, X, masks, phi) -> ConvOperator:
         return ConvOperator(
             X,
             masks,
@@ -174,31 +160,22 @@ class ConvOperator:
             cache_bytes=self.cache_bytes,
             max_elems=self.max_elems,
             phi=phi,
-            compute_dtype=compute_dtype,
         )
 
     def restrict(self, idx: torch.Tensor) -> ConvOperator:
         """The operator on a subset of gates (a working set)."""
         phi = None if self.phi is None else self.phi[:, idx]
-        return self._like(self.X, self.masks[:, idx], phi, self.compute_dtype)
+        return self._like(self.X, self.masks[:, idx], phi)
 
     def rows(self, idx: torch.Tensor) -> ConvOperator:
         """The operator on a subset of samples (a training or validation split)."""
         phi = None if self.phi is None else self.phi[idx]
-        return self._like(self.X[idx], self.masks[idx], phi, self.compute_dtype)
+        return self._like(self.X[idx], self.masks[idx], phi)
 
     def to(self, dtype: torch.dtype) -> ConvOperator:
         # phi is rebuilt from X in the new precision rather than cast, so a float64 polish
         # certifies the program on the inputs themselves.
         return self._like(self.X.to(dtype), self.masks, None)
-
-    def computing_in(self, dtype: torch.dtype) -> ConvOperator | None:
-        """The same operator (float32 inputs and outputs) with its products in ``dtype``, or
-        None when phi is not cached (the blocked products stay in X's dtype)."""
-        if self.phi is None:
-            return None
-        X, phi = self.X.float(), self.phi.float()
-        return self._like(X, self.masks, phi, dtype)
 
 
 class ConvReLUProblem(ReLUProblem):

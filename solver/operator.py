@@ -173,11 +173,6 @@ class GatedOperator:
         """The same operator (float32 inputs and outputs) with its products in ``dtype``."""
         return GatedOperator(self.X.float(), self.masks, self.max_elems, compute_dtype=dtype)
 
-    def product_flops(self, c: int) -> int:
-        """Multiply-adds times 2 of one product with c outputs."""
-        n, d = self.X.shape
-        return 2 * n * d * self.n_gates * c
-
     def sample_rows(self, m: int) -> torch.Tensor:
         """m row indices: all rows when m >= n, else a fixed random subset (seeded, sorted)."""
         n = self.X.shape[0]

@@ -25,7 +25,7 @@ import torch
 
 from .fista import fista
 from .newton import applies, newton_polish, preconditioned, violated_outside
-from .operator import bfloat16_speedup
+from .operator import GatedOperator, bfloat16_speedup
 from .problem import Certificate, Problem, certificate
 
 LOW_PRECISION_TOL = 1e-4
@@ -186,23 +186,19 @@ def solve(
 
 def _bfloat16_start(problem: Problem) -> Problem | None:
     """The program with its products in bfloat16 (float32 values) when a bfloat16 first phase
-    pays (see BF16_TOL), else None. The MLP's gated operator and the CNN head's (with its
-    pooled patches cached) can compute so."""
+    pays (see BF16_TOL), else None."""
     op = problem.op
-    computing_in = getattr(op, "computing_in", None)
-    if applies(problem) or computing_in is None or getattr(op, "compute_dtype", None) is not None:
+    if applies(problem) or not isinstance(op, GatedOperator) or op.compute_dtype is not None:
         return None
-    if op.X.device.type != "cpu":  # type: ignore[attr-defined]
+    if op.X.device.type != "cpu":
         return None
-    if op.product_flops(problem.Y.shape[1]) < BF16_MIN_FLOPS:  # type: ignore[attr-defined]
+    n, d = op.X.shape
+    if 2 * n * d * op.n_gates * problem.Y.shape[1] < BF16_MIN_FLOPS:
         return None
     if bfloat16_speedup() < BF16_MIN_SPEEDUP:
         return None
-    fast = computing_in(torch.bfloat16)
-    if fast is None:
-        return None
     return Problem(
-        fast,
+        op.computing_in(torch.bfloat16),
         problem.Y.float(),
         problem.loss,
         problem.penalty,
