@@ -218,8 +218,8 @@ class _ConvexMLP(NeuronHead):
         n_iter, self.pricing_added_ = res.n_iter, []
         for r in range(self.pricing_rounds):
             seed = 20_011 + 7_919 * r + (self.random_state or 0)
-            fresh, ratio = self._fresh_gate_ratios(Z, problem, res.W, res.b, seed)
-            grown = self._add_violating(Z, G, masks, fresh, ratio)
+            fresh, fresh_masks, ratio = self._fresh_gate_ratios(Z, problem, res.W, res.b, seed)
+            grown = self._add_violating(G, masks, fresh, fresh_masks, ratio)
             if grown is None:
                 break
             self.pricing_added_.append(grown[0].shape[1] - G.shape[1])
@@ -339,24 +339,26 @@ class _ConvexMLP(NeuronHead):
         """
         if self.pricing_gates <= 0 or problem.lam <= 0:
             return float("nan")
-        _, ratio = self._fresh_gate_ratios(Z, problem, W, b, 10_007 + (self.random_state or 0))
-        return float(ratio.max())
+        seed = 10_007 + (self.random_state or 0)
+        return float(self._fresh_gate_ratios(Z, problem, W, b, seed)[2].max())
 
     def _fresh_gate_ratios(self, Z, problem, W, b, seed: int):
-        """(G, ratio): ``pricing_gates`` fresh gates and, per gate, ||A_g^T theta|| / lam with
-        theta = -grad of the loss at the current outputs. A ratio above 1 means adding that
-        gate's block (at zero) lets the objective fall. ``problem`` may act on Z's row-space
-        coordinates (see ``_row_space``): the norms are the same there."""
+        """(G, masks, ratio): ``pricing_gates`` fresh gates, their patterns on Z and, per
+        gate, ||A_g^T theta|| / lam with theta = -grad of the loss at the current outputs. A
+        ratio above 1 means adding that gate's block (at zero) lets the objective fall.
+        ``problem`` may act on Z's row-space coordinates (see ``_row_space``): the norms are the
+        same there."""
         gen = torch.Generator().manual_seed(seed)
         G = sample_gates(Z, self.pricing_gates, gen, anchored=self.fit_intercept)
-        op = GatedOperator(problem.op.X, compute_patterns(Z, G))
+        masks = compute_patterns(Z, G)
+        op = GatedOperator(problem.op.X, masks)
         dtype = problem.Y.dtype
         F = problem.op.matvec(W.to(dtype)) + b.to(dtype)
         theta = -problem.loss.grad(F, problem.Y)
-        return G, problem.penalty.dual_norms(op.rmatvec(theta)) / problem.lam
+        return G, masks, problem.penalty.dual_norms(op.rmatvec(theta)) / problem.lam
 
     @staticmethod
-    def _add_violating(Z, G, masks, fresh, ratio):
+    def _add_violating(G, masks, fresh, fresh_masks, ratio):
         """(gates, patterns) with the fresh gates whose ratio exceeds 1 appended, the most
         violating first and at most as many as there are gates (so a round at most doubles the
         program), their patterns deduplicated against the current ones; None when none is new."""
@@ -365,7 +367,7 @@ class _ConvexMLP(NeuronHead):
         if order.numel() == 0:
             return None
         G2 = torch.cat([G, fresh[:, order]], dim=1)
-        masks2 = torch.cat([masks, compute_patterns(Z, fresh[:, order])], dim=1)
+        masks2 = torch.cat([masks, fresh_masks[:, order]], dim=1)
         keep = unique_patterns(masks2)
         if keep.numel() <= G.shape[1]:
             return None
