@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .attention_operator import BlockNuclear, GatedAttentionOperator, LinearAttentionOperator
-from .base import ClassifierMixin, ConvexHead, Progress
+from .base import ClassifierMixin, ConvexHead, Progress, all_finite
 from .estimators import _cpu_threads_for, _progress_adapter
 from .io import COMMON_SCALARS, head_meta, read_head, write_head
 from .losses import LOSSES, CrossEntropyLoss, SquaredLoss
@@ -441,8 +441,7 @@ def _as_tokens(X: Any) -> torch.Tensor:
         )
     if min(T.shape) < 1:
         raise ValueError(f"X needs at least one sample, token and feature, got {tuple(T.shape)}")
-    # A sum is finite when every entry is (unless it overflows): one cheap pass over the tokens.
-    if not bool(torch.isfinite(T.sum())) and not bool(torch.isfinite(T).all()):
+    if not all_finite(T):
         raise ValueError("X contains NaN or infinite values")
     return T
 

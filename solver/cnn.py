@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ClassifierMixin, NeuronHead, Progress
+from .base import ClassifierMixin, NeuronHead, Progress, all_finite
 from .cnn_operator import ConvGeometry, ConvOperator, solve_conv_relu
 from .estimators import _cpu_threads_for, _progress_adapter
 from .io import COMMON_SCALARS, head_meta, read_head, write_head
@@ -153,12 +153,7 @@ class ConvexCNNClassifier(ClassifierMixin, NeuronHead):
                 f"X's spatial size {tuple(T.shape[2:])} with padding {q} is smaller than "
                 f"kernel_size {k}"
             )
-        # A sum is finite when every entry is (unless it overflows): one cheap pass (0.1 s
-        # against 2.4 s for 10000 maps of 1280 x 7 x 7); the entries only when it is not.
-        step = max(1, (1 << 24) // max(1, T[0].numel()))  # no full-size boolean temporary
-        if not bool(torch.isfinite(T.sum())) and not all(
-            bool(torch.isfinite(T[s : s + step]).all()) for s in range(0, len(T), step)
-        ):
+        if not all_finite(T):
             raise ValueError("X contains NaN or infinite values")
         return T
 

@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import ClassifierMixin, ConvergenceWarning, NeuronHead, Progress
+from .base import ClassifierMixin, ConvergenceWarning, NeuronHead, Progress, all_finite
 from .losses import LOSSES, CrossEntropyLoss, SquaredLoss
 from .network import gated_network, relu_network
 from .operator import GatedOperator
@@ -85,7 +85,7 @@ def _as_tensor(X: Any) -> torch.Tensor:
         raise ValueError(
             f"X must be 2-dimensional (n_samples, n_features), got shape {tuple(T.shape)}"
         )
-    if not bool(torch.isfinite(T).all()):
+    if not all_finite(T):
         raise ValueError("X contains NaN or infinite values")
     return T
 
