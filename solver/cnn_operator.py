@@ -54,6 +54,21 @@ class ConvGeometry:
             U = torch.cat([U, U.new_ones(U.shape[0], 1, U.shape[2])], dim=1)
         return U
 
+    def patch_rows(self, X: torch.Tensor, *, ones: bool = True) -> torch.Tensor:
+        """(n, C, H, W) -> (n, B, h): the patches as rows, the constant 1 of an intercept last
+        (left out with ``ones=False``: (n, B, C k^2)). A 1x1 unpadded stride-1 conv's patches
+        are the positions themselves: a view of a channels_last X (a copy otherwise), no
+        unfold."""
+        k, s, q = self.kernel_size, self.stride, self.padding
+        if (k, s, q) != (1, 1, 0):
+            U = F.unfold(X, k, padding=q, stride=s).transpose(1, 2)
+        else:
+            n, C, H, W = X.shape
+            U = X.permute(0, 2, 3, 1).reshape(n, H * W, C)
+        if ones and self.intercept:
+            U = torch.cat([U, U.new_ones(U.shape[0], U.shape[1], 1)], dim=2)
+        return U
+
     def masks(
         self, X: torch.Tensor, gates: torch.Tensor, gate_bias: torch.Tensor, chunk: int = 256
     ) -> torch.Tensor:
@@ -113,13 +128,18 @@ class ConvOperator:
         """Yield (row slice, gate slice, phi block (rows, gates, h)) covering phi."""
         n, p, B = self.masks.shape
         step_n, step_p = self._chunks()
+        body = self.h - int(self.geometry.intercept)
         for r in range(0, n, step_n):
             rows = slice(r, min(n, r + step_n))
-            Ut = self.geometry.patches(self.X[rows]).transpose(1, 2)  # (rows, B, h)
+            Ut = self.geometry.patch_rows(self.X[rows], ones=False)  # (rows, B, C k^2)
             for g in range(0, p, step_p):
                 gates = slice(g, min(p, g + step_p))
                 D = self.masks[rows, gates].to(self.X.dtype)  # (rows, gates, B)
-                yield rows, gates, torch.bmm(D, Ut) / B
+                block = self.X.new_empty(D.shape[0], D.shape[1], self.h)
+                torch.bmm(D, Ut, out=block[:, :, :body])
+                if body < self.h:  # the intercept's column: the pooled mask itself
+                    torch.sum(D, dim=2, out=block[:, :, body])
+                yield rows, gates, block.div_(B)
 
     def _build_phi(self) -> torch.Tensor:
         n, p, _ = self.masks.shape

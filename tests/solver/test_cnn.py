@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from solver.cnn import ConvexCNNClassifier
+from solver.cnn import ConvexCNNClassifier, project_channels
 from solver.cnn_operator import ConvGeometry, ConvOperator
 from solver.estimators import ConvergenceWarning
 
@@ -99,10 +99,15 @@ def test_operator_equals_the_explicit_sum_and_its_adjoint(k, s, q, intercept):
     # sum_j sum_b D_jb X_b Z_j / B, one term at a time.
     want = sum(D[:, b, j, None] * (P[:, b] @ Z[j]) for j in range(12) for b in range(P.shape[1]))
     want = want / P.shape[1]
+    for Xin in (Xt, Xt.contiguous(memory_format=torch.channels_last)):
+        for ones in (True, False):
+            rows = geo.patch_rows(Xin, ones=ones).numpy()
+            assert np.array_equal(rows, P if ones or not intercept else P[:, :, :-1])
     cached = ConvOperator(Xt, masks, geo)
     blocked = ConvOperator(Xt, masks, geo, cache_bytes=0, max_elems=40)  # many small blocks
+    last = ConvOperator(Xt.contiguous(memory_format=torch.channels_last), masks, geo)
     assert cached.cached and not blocked.cached
-    for op in (cached, blocked):
+    for op in (cached, blocked, last):
         AZ = op.matvec(torch.as_tensor(Z)).numpy()
         AtV = op.rmatvec(torch.as_tensor(V)).numpy()
         assert np.allclose(AZ, want, rtol=1e-13, atol=1e-13)
@@ -112,6 +117,20 @@ def test_operator_equals_the_explicit_sum_and_its_adjoint(k, s, q, intercept):
         cached.restrict(idx).matvec(torch.as_tensor(Z[idx.numpy()])),
         blocked.restrict(idx).matvec(torch.as_tensor(Z[idx.numpy()])),
     )
+
+
+@pytest.mark.parametrize("max_elems", [1 << 22, 50])
+def test_project_channels_is_the_1x1_convolution(max_elems):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(7, 5, 3, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(2, 5, 1, 1, generator=g, dtype=torch.float64)
+    bias = torch.randn(2, generator=g, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(X, weight, bias)
+    for Xin in (X, X.contiguous(memory_format=torch.channels_last)):
+        got = project_channels(Xin, weight, bias, max_elems=max_elems)
+        assert got.shape == want.shape
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 # -- the optimum ------------------------------------------------------------------------------
