@@ -2,6 +2,7 @@
 multi-head network, a nonconvex fit that cannot beat the convex optimum, save/load, errors."""
 
 import json
+import warnings
 
 import cvxpy as cp
 import numpy as np
@@ -362,6 +363,29 @@ def test_projection_does_not_depend_on_the_eigensolvers_signs(monkeypatch, d):
     assert other.objective_ == pytest.approx(ref.objective_, rel=1e-12)
     P = ref.projection_
     assert bool((P[P.abs().argmax(dim=0), torch.arange(P.shape[1])] > 0).all())
+
+
+def test_projection_draws_its_tokens_whatever_the_layout(monkeypatch):
+    # Above PCA_MAX_TOKENS the projection is fitted on a seeded draw of tokens, gathered from X
+    # as it is laid out: a transposed view gives the projection of the same values stored
+    # contiguously, which is fit_projection's on the flattened tokens with the same seed.
+    from solver import attention
+
+    monkeypatch.setattr(attention, "PCA_MAX_TOKENS", 50)
+    X, y = tiny(seed=6, n=20, T=5, d=6)
+    Xt = torch.as_tensor(X)
+    view = Xt.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    assert not view.is_contiguous()
+    kw = dict(n_components=3, lam=1e-2, max_iter=5, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = ConvexAttentionClassifier(**kw).fit(Xt, y)
+        b = ConvexAttentionClassifier(**kw).fit(view, y)
+    assert torch.equal(a.projection_, b.projection_)
+    gen = torch.Generator().manual_seed(attention._seed(0, 1))
+    mu, P = fit_projection(Xt.reshape(-1, 6), 3, gen)
+    assert torch.equal(a.projection_, P)
+    assert torch.equal(a.token_mean_, mu)
 
 
 @pytest.mark.parametrize("d", [6, 300])
