@@ -81,7 +81,9 @@ class ConvexAttentionClassifier(ClassifierMixin, ConvexHead):
     iteration. The prox is an eigendecomposition of a min(d'^2, d' c) square Gram per block.
     Hence the default d' = 16 (17 with the constant): the lifted block and the features grow as
     d'^3; at 16 the features for 2000 samples and 8 gates are about 42M numbers, and one block
-    is 289 x 170 for 10 classes.
+    is 289 x 170 for 10 classes. More components can pay for linear attention: on 10000
+    EfficientNet-Lite0 Fashion-MNIST maps (49 tokens of 1280), 500 iterations on one CPU
+    thread gave test accuracy 0.839 in 21 s with 16 and 0.8745 in 95 s with 32 (bench/README.md).
 
     The default lam = 1e-2 is meant for the default whitened projection, where lam_max_ is of
     order one (0.85 on a synthetic 49-token, 1280-feature, 10-class task): about 1e-2 lam_max_,
