@@ -149,18 +149,7 @@ class ConvexAttentionClassifier(ClassifierMixin, ConvexHead):
             self.n_components_ = d
             return
         gen = torch.Generator().manual_seed(_seed(self.random_state, 1))
-        n, T = X.shape[:2]
-        if n * T > PCA_MAX_TOKENS:
-            # fit_projection's own draw, taken here: the rows are gathered from X as it is laid
-            # out, where X.reshape(-1, d) would copy all of a transposed X (7.5 s for 10000 x
-            # 49 x 1280 tokens) to keep PCA_MAX_TOKENS of them.
-            pick = torch.randperm(n * T, generator=gen)[:PCA_MAX_TOKENS].to(X.device)
-            rows = X[pick // T, pick % T]
-        else:
-            rows = X.reshape(-1, d)
-        self.token_mean_, self.projection_ = fit_projection(
-            rows, min(int(self.n_components), d), gen
-        )
+        self.token_mean_, self.projection_ = fit_projection(X, min(int(self.n_components), d), gen)
         self.n_components_ = int(self.projection_.shape[1])
 
     def _tokens(self, X: torch.Tensor) -> torch.Tensor:
@@ -378,16 +367,23 @@ class AttentionNetwork(nn.Module):
 def fit_projection(
     X: torch.Tensor, k: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token mean (d,) and whitened principal directions P (d, k') of rows X (N, d), in float64.
+    """Token mean (d,) and whitened principal directions P (d, k') of the rows of X (..., d):
+    (N, d) tokens, or (n, T, d) samples of tokens, in float64.
 
-    Fitted on at most PCA_MAX_TOKENS rows drawn with ``generator``. Up to
+    Fitted on at most PCA_MAX_TOKENS rows drawn with ``generator``, gathered from X as it is
+    laid out (flattening a transposed (n, T, d) view first copied all of it: 7.5 s for 10000 x
+    49 x 1280 tokens, to keep 32768). Up to
     PCA_EXACT_MAX_FEATURES features the covariance is diagonalised; above, a randomized range
     finder (k + 10 columns, 4 power iterations) works in X's dtype with the small factorizations
     in float64. Directions with variance below VARIANCE_RTOL times the largest are dropped.
     """
-    N, d = X.shape
+    lead, d = X.shape[:-1], X.shape[-1]
+    N = math.prod(lead)
     if N > PCA_MAX_TOKENS:
-        X = X[torch.randperm(N, generator=generator)[:PCA_MAX_TOKENS].to(X.device)]
+        pick = torch.randperm(N, generator=generator)[:PCA_MAX_TOKENS].to(X.device)
+        X = X[torch.unravel_index(pick, lead)]
+    else:
+        X = X.reshape(N, d)
     mu = X.mean(dim=0).to(torch.float64)  # (a float64 copy of X would double the memory)
     if d <= PCA_EXACT_MAX_FEATURES:
         Xc = X.to(torch.float64) - mu
