@@ -490,23 +490,24 @@ class Projection(nn.Conv2d):
 
 def _projection(components: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> nn.Conv2d:
     weight, bias = _projection_conv(components.to(dtype), mean.to(dtype))
-    q, C = weight.shape[:2]
-    layer = Projection(C, q, 1).to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer.bias.copy_(bias)  # type: ignore[union-attr]
-    return layer.requires_grad_(False)
+    return _conv(weight, bias, 1, 0, layer=Projection)
 
 
-def _conv(weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int) -> nn.Conv2d:
+def _conv(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    layer: type[nn.Conv2d] = nn.Conv2d,
+) -> nn.Conv2d:
     m, C, k, _ = weight.shape
-    layer = nn.Conv2d(C, m, k, stride=stride, padding=padding, bias=bias is not None)
-    layer = layer.to(device=weight.device, dtype=weight.dtype)
+    conv = layer(C, m, k, stride=stride, padding=padding, bias=bias is not None)
+    conv = conv.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None and layer.bias is not None:
-            layer.bias.copy_(bias)
-    return layer.requires_grad_(False)
+        conv.weight.copy_(weight)
+        if bias is not None and conv.bias is not None:
+            conv.bias.copy_(bias)
+    return conv.requires_grad_(False)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:

@@ -48,11 +48,8 @@ class ConvGeometry:
         return channels * self.kernel_size**2 + int(self.intercept)
 
     def patches(self, X: torch.Tensor) -> torch.Tensor:
-        """(n, C, H, W) -> (n, h, B)."""
-        U = F.unfold(X, self.kernel_size, padding=self.padding, stride=self.stride)
-        if self.intercept:
-            U = torch.cat([U, U.new_ones(U.shape[0], 1, U.shape[2])], dim=1)
-        return U
+        """(n, C, H, W) -> (n, h, B): ``patch_rows`` transposed."""
+        return self.patch_rows(X).transpose(1, 2)
 
     def patch_rows(self, X: torch.Tensor, *, ones: bool = True) -> torch.Tensor:
         """(n, C, H, W) -> (n, B, h): the patches as rows, the constant 1 of an intercept last
