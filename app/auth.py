@@ -36,7 +36,9 @@ def create_key(session: Session, project_name: str) -> str:
 
 
 def project_for_key(session: Session, key: str) -> Project | None:
-    row = session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    """The project of a key that is not revoked: one query, on every /v1 request."""
+    return session.scalar(
+        select(Project)
+        .join(ApiKey, ApiKey.project_id == Project.id)
+        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
     )
-    return session.get(Project, row.project_id) if row is not None else None

@@ -32,6 +32,21 @@ def test_health_ready_and_metrics(client, auth, queue):
     assert client.get("/healthz").headers["x-request-id"]
 
 
+def test_requests_carry_ids_and_are_counted_by_route_template(client, auth):
+    assert client.get("/healthz", headers={"x-request-id": "req-42"}).headers["x-request-id"] == (
+        "req-42"
+    )
+    assert client.get("/v1/heads/hd_missing", headers=auth).status_code == 404
+    assert client.get("/no/such/path").status_code == 404
+    metrics = client.get("/metrics").text
+    assert (
+        'cvxtune_http_requests_total{method="GET",route="/v1/heads/{head_id}",status="404"}'
+        in metrics
+    )
+    assert 'cvxtune_http_requests_total{method="GET",route="unmatched",status="404"}' in metrics
+    assert 'cvxtune_http_request_seconds_count{method="GET",route="/healthz"}' in metrics
+
+
 def test_metrics_count_jobs_by_state(client, auth, make_npz, upload_file):
     ds = upload_file(auth, make_npz()).json()
     client.post("/v1/finetunes", headers=auth, json={"dataset_id": ds["id"]})
