@@ -534,6 +534,7 @@ def embed_images(
     output: str = "pooled",
     batch_size: int = 32,
     pad_batches: bool = False,
+    preprocessor: BatchPreprocessor | None = None,
 ) -> np.ndarray:
     """Embed in-memory images (PIL images, encoded bytes or uint8 HxW[x3] arrays).
 
@@ -542,14 +543,18 @@ def embed_images(
     batch is padded with zero inputs to one of `bucket_sizes(batch_size)`, so a GPU meets a
     handful of shapes (each new shape costs it a search for convolution kernels) instead of
     every size up to `batch_size`; the padding rows are dropped (eval-mode rows are
-    independent).
+    independent). A caller that embeds again and again from one thread (a serving runner)
+    passes its own `preprocessor`, whose resampling matrices and batch buffer are then kept
+    from call to call instead of being rebuilt and page-faulted in for every batch.
     """
     import torch
     from PIL import Image
 
     check_output(output)
     pre = bb.spec.preprocessing
-    preprocessor = BatchPreprocessor(pre, bb.device)
+    reuse = preprocessor is not None
+    if preprocessor is None:
+        preprocessor = BatchPreprocessor(pre, bb.device)
     items = []
     for k, item in enumerate(images):
         try:
@@ -568,7 +573,7 @@ def embed_images(
             chunk = items[s : s + batch_size]
             n = len(chunk)
             size = bucket_size(n, batch_size) if pad_batches else n
-            x = preprocessor(chunk, pad_to=size)
+            x = preprocessor(chunk, pad_to=size, reuse=reuse)
             out[s : s + n] = forward(bb, x, output)[:n].cpu().numpy()
     return out
 

@@ -232,8 +232,9 @@ class BatchPreprocessor:
     """Prepared images -> the normalised float batch (B, 3, H, W), channels_last, on `device`.
 
     Same-size sources are resampled together by two matrix products; images `prepare` already
-    resized are normalised as uint8 batches. With `reuse` the batch lands in a buffer kept for
-    the next batch of that size (the caller must be done with the previous one).
+    resized are normalised as uint8 batches. With `reuse` the batch lands in the first rows of a
+    buffer kept for the next batch of that size or smaller (the caller must be done with the
+    previous one).
     """
 
     def __init__(self, pre: Preprocessing, device: Any = "cpu"):
@@ -262,8 +263,9 @@ class BatchPreprocessor:
 
         out_h, out_w = self.pre.input_size[1:]
         shape = (max(len(items), pad_to), out_h, out_w * 3)
-        if reuse and self._buffer is not None and tuple(self._buffer.shape) == shape:
-            out = self._buffer
+        held = self._buffer
+        if reuse and held is not None and held.shape[1:] == shape[1:] and len(held) >= shape[0]:
+            out = held[: shape[0]]  # the first rows of a batch kept from before: contiguous
         else:
             out = torch.empty(shape, dtype=torch.float32, device=self.device)
             self._buffer = out if reuse else None

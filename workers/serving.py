@@ -278,6 +278,7 @@ class Server:
         def load() -> Batcher:
             from workers.backbones import load_backbone
             from workers.extract import embed_images
+            from workers.preprocessing import BatchPreprocessor
 
             bb = load_backbone(
                 backbone,
@@ -287,9 +288,17 @@ class Server:
             )
 
             pad, size = self.fixed_shapes, self.max_batch
+            per_runner = threading.local()  # each runner thread keeps its own preprocessor
 
             def embed(b: Any, images: list[Any], output: str) -> np.ndarray:
-                Z = embed_images(b, images, output=output, batch_size=size, pad_batches=pad)
+                pre = getattr(per_runner, "preprocessor", None)
+                if pre is None:
+                    pre = per_runner.preprocessor = BatchPreprocessor(
+                        b.spec.preprocessing, b.device
+                    )
+                Z = embed_images(
+                    b, images, output=output, batch_size=size, pad_batches=pad, preprocessor=pre
+                )
                 return np.asarray(Z, dtype=np.float32)
 
             if self.runners > 1 and str(self.device).startswith("cpu"):

@@ -142,6 +142,20 @@ def test_embed_images_matches_extract(small_zip, small_images, mobile):
         embed_images(mobile, [raw[0], b"nope"])
 
 
+def test_a_kept_preprocessor_gives_every_batch_what_a_fresh_one_gives(small_zip, mobile):
+    """As a serving runner calls it: one preprocessor, batches of changing sizes."""
+    from workers.preprocessing import BatchPreprocessor
+
+    with open_dataset(small_zip) as ds:
+        raw = [ds.read_bytes(i) for i in range(len(ds))]
+    kept = BatchPreprocessor(mobile.spec.preprocessing, mobile.device)
+    for chunk in (raw[:5], raw[5:7], raw[:1], raw[2:8]):
+        fresh = embed_images(mobile, chunk, batch_size=4)
+        again = embed_images(mobile, chunk, batch_size=4, preprocessor=kept)
+        assert np.array_equal(again, fresh)
+    assert kept._buffer is not None and len(kept._buffer) == 4
+
+
 def test_padded_batches_take_few_shapes_and_give_the_same_embeddings(small_images, mobile):
     from workers.extract import bucket_size, bucket_sizes
 

@@ -126,6 +126,20 @@ def test_reused_buffer_and_padding_rows():
     assert torch.equal(padded[:3], first[:3]) and not padded[3:].any()
 
 
+def test_a_smaller_batch_reuses_the_first_rows_of_the_kept_buffer():
+    items = [prepare(img, PRE) for img in sharp_images()[:4]]
+    batch = BatchPreprocessor(PRE)
+    whole = batch(items, reuse=True).clone()
+    kept = batch._buffer
+    two = batch(items[2:], reuse=True)
+    assert batch._buffer is kept and two.data_ptr() == kept.data_ptr()
+    assert two.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(two, whole[2:])
+    one_padded = batch(items[:1], reuse=True, pad_to=3)
+    assert torch.equal(one_padded[:1], whole[:1]) and not one_padded[1:].any()
+    assert torch.equal(batch(items, reuse=True), whole)  # the padding zeros are overwritten
+
+
 def test_the_path_depends_only_on_the_source_size():
     pre = CATALOGUE["mobilenetv3_small_100"].preprocessing
     assert batched_resize(28, 28, 1, pre) and batched_resize(64, 64, 3, pre)
