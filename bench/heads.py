@@ -2,7 +2,7 @@
 
     python bench/heads.py [--heads mlp,cnn,attention] [--train 10000] [--test 2000]
                           [--adam-seconds 60] [--lrs 1e-4,3e-4,1e-3,3e-3,1e-2] [--seeds 0,1,2]
-                          [--device cpu|cuda] [--convex-only]
+                          [--lam-ratio 0.01|auto] [--device cpu|cuda] [--convex-only]
 
 Data: Fashion-MNIST (Debian's dataset-fashion-mnist), the last feature map (1280 x 7 x 7) of
 tf_efficientnet_lite0 from bench/heads_data.py (cached). The MLP head gets its spatial mean (the
@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import solver as cvx  # noqa: E402
 
 sys.path.insert(1, str(ROOT / "bench"))
-from heads_data import feature_maps  # noqa: E402
+from heads_data import _bench_solver, feature_maps  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -185,6 +185,30 @@ def _probe_lam_max(cls, X, y, **kw) -> float:
     return float(probe.lam_max_)
 
 
+def select_lam(cls, X, y, kw: dict, args) -> dict:
+    """lam as a user gets it: the estimator's own lam="auto" (a geometric path from lam_max on
+    a split of the training set, warm-started, the best validation accuracy wins), with short
+    solves (--path-max-iter). Its time is reported, not added to the fit's."""
+    est = cls(
+        lam="auto",
+        n_lams=args.path_lams,
+        lam_min_ratio=args.path_min_ratio,
+        max_iter=args.path_max_iter,
+        random_state=0,
+        **kw,
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(X, y)
+    return {
+        "lam": float(est.lam_),
+        "lam_over_lam_max": float(est.lam_ / est.lam_max_),
+        "seconds": time.perf_counter() - t0,
+        "path": est.path_,
+    }
+
+
 def convex_fit(kind: str, D: dict, args) -> dict:
     if kind == "mlp":
         X = D["Mtr"].astype(np.float32).mean(axis=(2, 3))
@@ -204,7 +228,12 @@ def convex_fit(kind: str, D: dict, args) -> dict:
     # On a GPU the solver runs where its input lives; predictions come back as numpy.
     Xfit = torch.as_tensor(Xtr, device=args.device)
     lam_max = _probe_lam_max(cls, Xfit, D["ytr"], **kw)
-    lam = args.lam_ratio * lam_max
+    selection = None
+    if args.lam_ratio == "auto":
+        selection = select_lam(cls, Xfit, D["ytr"], kw, args)
+        lam = selection["lam"]
+    else:
+        lam = float(args.lam_ratio) * lam_max
     est = cls(lam=lam, max_iter=args.max_iter, random_state=0, **kw)
     trace: list[tuple[float, float]] = []
     t0 = time.perf_counter()
@@ -219,7 +248,8 @@ def convex_fit(kind: str, D: dict, args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    acc = float(np.mean(est.predict(Xte) == D["yte"]))
+    pred = np.asarray(est.predict(Xte))
+    acc = float(np.mean(pred == D["yte"]))
     width = int(getattr(est, "n_neurons_", getattr(est, "n_heads_", 0)))
     return {
         "est": est,
@@ -239,8 +269,10 @@ def convex_fit(kind: str, D: dict, args) -> dict:
             "cvx_converged": bool(est.converged_),
             "cvx_width": width,
             "cvx_test_acc": acc,
+            "cvx_test_pred": pred.tolist(),  # for paired tests between the heads
             # The first report comes after the setup and FISTA's first certificate check.
             "cvx_first_report_s": trace[0][0] if trace else None,
+            "lam_selection": selection,
         },
         "trace": trace,
     }
@@ -339,7 +371,8 @@ def counterpart_inputs(kind: str, fit: dict):
 def bench_head(kind: str, D: dict, args) -> dict:
     fit = convex_fit(kind, D, args)
     row = fit["row"]
-    print(f"[{kind}] convex: {json.dumps(row, default=str)}", file=sys.stderr, flush=True)
+    shown = {k: v for k, v in row.items() if k != "cvx_test_pred"}
+    print(f"[{kind}] convex: {json.dumps(shown, default=str)}", file=sys.stderr, flush=True)
     if args.convex_only:
         return row
     fit["ytr"] = D["ytr"]
@@ -390,7 +423,14 @@ def main() -> None:
         default=None,
         help="CNN head: cache_bytes in GiB (its masked patches stay in memory up to this)",
     )
-    ap.add_argument("--lam-ratio", type=float, default=1e-2, help="lam / lam_max")
+    ap.add_argument(
+        "--lam-ratio",
+        default="1e-2",
+        help='lam / lam_max, or "auto": each head\'s lam chosen by its lam="auto" path',
+    )
+    ap.add_argument("--path-lams", type=int, default=10, help="with --lam-ratio auto: path size")
+    ap.add_argument("--path-min-ratio", type=float, default=1e-3, help="its smallest lam/lam_max")
+    ap.add_argument("--path-max-iter", type=int, default=100, help="iterations per path point")
     ap.add_argument("--max-iter", type=int, default=2000)
     ap.add_argument("--adam-seconds", type=float, default=60.0)
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2")
@@ -412,6 +452,15 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"args": vars(args), "machine": platform.platform(), "load": os.getloadavg()}
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    mlp = next((r for r in rows if r["head"] == "mlp"), None)
+    for r in rows:
+        if mlp is not None and r is not mlp:
+            # McNemar's exact test against the convex MLP head on the same test images
+            r["vs_convex_mlp"] = _bench_solver().paired(
+                np.asarray(r["cvx_test_pred"]), np.asarray(mlp["cvx_test_pred"]), D["yte"]
+            )
+    if mlp is not None:
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     for r in rows:
         line = [
             r["head"],
@@ -421,6 +470,16 @@ def main() -> None:
             f"{r['cvx_first_report_s'] or float('nan'):.1f}s, counterparts' inputs "
             f"{r.get('counterpart_inputs_s', float('nan')):.1f}s",
         ]
+        if "vs_convex_mlp" in r:
+            v = r["vs_convex_mlp"]
+            line.append(
+                f"vs convex mlp: {v['only_convex']} / {v['only_other']} (p {v['p_value']:.2g})"
+            )
+        if r.get("lam_selection"):
+            sel = r["lam_selection"]
+            line.append(f"lam auto: {sel['lam_over_lam_max']:.2g} lam_max in {sel['seconds']:.0f}s")
+        else:
+            line.append(f"lam {r['lam'] / r['lam_max']:.2g} lam_max")
         for fam in ("relu", "gated"):
             if fam in r:
                 f = r[fam]
