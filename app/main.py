@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,8 +19,6 @@ from cvxtune import __version__
 from cvxtune.artifacts import open_store
 from cvxtune.db import sessionmaker_for
 from cvxtune.settings import Settings, get_settings
-
-log = logging.getLogger("cvxtune.api")
 
 
 def create_app(

@@ -203,6 +203,7 @@ def select_lam(cls, X, y, kw: dict, args) -> dict:
         est.fit(X, y)
     return {
         "lam": float(est.lam_),
+        "lam_max": float(est.lam_max_),
         "lam_over_lam_max": float(est.lam_ / est.lam_max_),
         "seconds": time.perf_counter() - t0,
         "path": est.path_,
@@ -227,12 +228,12 @@ def convex_fit(kind: str, D: dict, args) -> dict:
         cls, kw = cvx.ConvexAttentionClassifier, {"n_components": args.attn_components}
     # On a GPU the solver runs where its input lives; predictions come back as numpy.
     Xfit = torch.as_tensor(Xtr, device=args.device)
-    lam_max = _probe_lam_max(cls, Xfit, D["ytr"], **kw)
     selection = None
-    if args.lam_ratio == "auto":
+    if args.lam_ratio == "auto":  # the path's estimator knows lam_max too: no probe
         selection = select_lam(cls, Xfit, D["ytr"], kw, args)
-        lam = selection["lam"]
+        lam, lam_max = selection["lam"], selection["lam_max"]
     else:
+        lam_max = _probe_lam_max(cls, Xfit, D["ytr"], **kw)
         lam = float(args.lam_ratio) * lam_max
     est = cls(lam=lam, max_iter=args.max_iter, random_state=0, **kw)
     trace: list[tuple[float, float]] = []
@@ -445,22 +446,27 @@ def main() -> None:
     D = feature_maps(args.train, args.test)
     if args.subset:
         D = D | {"Mtr": D["Mtr"][: args.subset], "ytr": D["ytr"][: args.subset]}
-    rows = []
-    for kind in args.heads.split(","):
-        rows.append(bench_head(kind, D, args))
-        out = Path(args.out or RESULTS / f"heads-{time.strftime('%Y%m%dT%H%M%S')}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    out = Path(args.out or RESULTS / f"heads-{time.strftime('%Y%m%dT%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every head, so a long run keeps what it measured
         meta = {"args": vars(args), "machine": platform.platform(), "load": os.getloadavg()}
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+
+    for kind in args.heads.split(","):
+        rows.append(bench_head(kind, D, args))
+        save()
     mlp = next((r for r in rows if r["head"] == "mlp"), None)
-    for r in rows:
-        if mlp is not None and r is not mlp:
-            # McNemar's exact test against the convex MLP head on the same test images
-            r["vs_convex_mlp"] = _bench_solver().paired(
-                np.asarray(r["cvx_test_pred"]), np.asarray(mlp["cvx_test_pred"]), D["yte"]
-            )
-    if mlp is not None:
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    if mlp is not None and len(rows) > 1:
+        paired = _bench_solver().paired
+        for r in rows:
+            if r is not mlp:
+                # McNemar's exact test against the convex MLP head on the same test images
+                r["vs_convex_mlp"] = paired(
+                    np.asarray(r["cvx_test_pred"]), np.asarray(mlp["cvx_test_pred"]), D["yte"]
+                )
+        save()
     for r in rows:
         line = [
             r["head"],
