@@ -91,7 +91,7 @@ class ConvexAttentionClassifier(ClassifierMixin, ConvexHead):
 
     ``lam="auto"`` fits a geometric path of ``n_lams`` values from ``lam_max_`` down to
     ``lam_min_ratio * lam_max_`` on a (1 - ``validation_fraction``) split, warm-started, and
-    keeps the lam of best validation accuracy (``path_``), then refits on all samples.
+    keeps the lam of least validation loss (``path_``), then refits on all samples.
     """
 
     def __init__(
@@ -229,7 +229,8 @@ class ConvexAttentionClassifier(ClassifierMixin, ConvexHead):
         return self._finish(progress, stacklevel=4)
 
     def _choose_lam(self, z, Y, loss, pen, W, progress):
-        """Geometric path from lam_max down, warm-started; the best validation accuracy wins."""
+        """Geometric path from lam_max down, warm-started; the lam of least validation loss wins
+        (``_lam_path``)."""
         n = z.shape[0]
         gen = torch.Generator().manual_seed(_seed(self.random_state, 2))
         perm = torch.randperm(n, generator=gen).to(z.device)
@@ -245,10 +246,10 @@ class ConvexAttentionClassifier(ClassifierMixin, ConvexHead):
             res = solve(prob, W, b, working_set=False, **self._path_limits())
             W, b = res.W.to(Y.dtype), res.b.to(Y.dtype)
             F = op_val.matvec(res.W.to(torch.float64)) + res.b.to(torch.float64)
-            return float((F.argmax(1) == Y[val].argmax(1)).to(torch.float64).mean()), res.cert, W
+            return F, res.cert, W
 
         lams = lam_hi * np.geomspace(1.0, self.lam_min_ratio, self.n_lams)
-        return self._lam_path(lams, solve_at, (-math.inf, lam_hi, W), progress)
+        return self._lam_path(lams, solve_at, Y[val], loss, (lam_hi, W), progress)
 
     def _set_heads(self) -> None:
         owner, U, V = factor_blocks(self.weights_)

@@ -8,6 +8,7 @@ targets and logits into labels, probabilities and accuracy.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
@@ -106,32 +107,57 @@ class ConvexHead:
             progress(1.0, {"gap": self.duality_gap_, "objective": self.objective_})
         return self
 
-    @staticmethod
     def _lam_path(
+        self,
         lams: Any,
-        solve_at: Callable[[float], tuple[float, Any, torch.Tensor]],
-        best: tuple[float, Any, Any],
+        solve_at: Callable[[float], tuple[torch.Tensor, Any, torch.Tensor]],
+        Y_val: torch.Tensor,
+        loss: Any,
+        fallback: tuple[Any, Any],
         progress: Progress | None,
     ) -> tuple[Any, list[dict[str, float]], Any]:
-        """Walk ``lams`` (largest first); ``solve_at(lam)`` fits at lam, warm-started from the
-        previous fit, and returns (validation score, certificate, W). Returns the best lam, the
-        path (one record per lam) and the best W; ``best`` is what is kept when no score wins."""
+        """Walk ``lams`` (largest first); ``solve_at(lam)`` fits on the training split at lam,
+        warm-started from the previous fit, and returns (outputs on the validation split,
+        certificate, W). Returns the chosen lam, the path (one record per lam: the validation
+        loss and score, objective and gap) and the chosen W; ``fallback`` (lam, W) is kept when
+        no loss is finite.
+
+        The lam of least validation loss wins (the program's own loss, cross-entropy or
+        squared, on the held-out rows; a tie keeps the larger lam), not the best accuracy:
+        accuracy counts a few hundred held-out labels and goes flat where lam stops mattering,
+        so its maximum falls on noise. The MLP head on 10000 Lite0 Fashion-MNIST embeddings (64
+        gates, 100-iteration path points): validation accuracy 0.8695 / 0.876 / 0.877 /
+        0.8785 at 0.01 / 0.0046 / 0.0022 / 0.001 lam_max, within one standard error (0.007)
+        of each other, picked the last; the validation cross-entropy 0.355 / 0.346 / 0.360 /
+        0.386 has its minimum at 0.0046 lam_max. Test accuracy of full fits (500 iterations):
+        0.887 at 0.005 against 0.8815 at 0.001 lam_max on 2000 test images, 0.8814 against
+        0.8792 on 10000 (bench/README.md "lam by validation loss")."""
         path: list[dict[str, float]] = []
+        best = (math.inf, *fallback)
         for k, lam in enumerate(lams):
-            score, cert, W = solve_at(float(lam))
+            F, cert, W = solve_at(float(lam))
+            F64, Y64 = F.to(torch.float64), Y_val.to(torch.float64)
+            value = float(loss.value(F64, Y64))
             path.append(
                 {
                     "lam": float(lam),
-                    "validation_score": score,
+                    "validation_loss": value,
+                    "validation_score": self._validation_score(F64, Y64),
                     "objective": cert.primal,
                     "duality_gap": cert.gap,
                 }
             )
-            if score > best[0] + 1e-12:
-                best = (score, float(lam), W)
+            if value < best[0] - 1e-12:
+                best = (value, float(lam), W)
             if progress is not None:
                 progress(0.8 * (k + 1) / len(lams), {"stage": "lam_path", "lam": float(lam)})
         return best[1], path, best[2]
+
+    def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
+        """What ``score`` reports, from outputs F and targets Y: R^2 (classifiers: accuracy)."""
+        ss_res = float((F - Y).square().sum())
+        ss_tot = float((Y - Y.mean(dim=0)).square().sum())
+        return 1.0 - ss_res / ss_tot if ss_tot > 0 else -ss_res
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "weights_"):
@@ -217,6 +243,10 @@ class ClassifierMixin:
         """The label of the largest logit."""
         best = self.decision_function(X).argmax(dim=1).cpu().numpy()
         return self.classes_[best]
+
+    def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
+        """Accuracy of outputs F against one-hot targets Y."""
+        return float((F.argmax(dim=1) == Y.argmax(dim=1)).to(torch.float64).mean())
 
     def score(self, X: Any, y: Any) -> float:
         """Accuracy of ``predict(X)`` against y."""

@@ -41,7 +41,6 @@ Device and dtype follow the inputs.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -313,8 +312,8 @@ class ConvexCNNClassifier(ClassifierMixin, NeuronHead):
         return self._finish(progress, stacklevel=4)
 
     def _choose_lam(self, op: ConvOperator, Y, loss, pen, progress: Progress | None):
-        """Geometric path from lam_max down on a training split, warm-started; the lam with
-        the best validation accuracy wins."""
+        """Geometric path from lam_max down on a training split, warm-started; the lam of
+        least validation loss wins (``_lam_path``)."""
         n = Y.shape[0]
         gen = torch.Generator().manual_seed(0 if self.random_state is None else self.random_state)
         perm = torch.randperm(n, generator=gen).to(Y.device)
@@ -336,10 +335,9 @@ class ConvexCNNClassifier(ClassifierMixin, NeuronHead):
                 **self._path_limits(),
             )
             W, b = res.W.to(Y.dtype), res.b.to(Y.dtype)
-            pred = (val_op.matvec(W) + b).argmax(dim=1)
-            return float((pred == Y[val].argmax(dim=1)).to(torch.float64).mean()), res.cert, W
+            return val_op.matvec(W) + b, res.cert, W
 
-        return self._lam_path(lams, solve_at, (-math.inf, float(lams[0]), W), progress)
+        return self._lam_path(lams, solve_at, Y[val], loss, (float(lams[0]), W), progress)
 
     # -- prediction ---------------------------------------------------------------------------
     def _conv_layer(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

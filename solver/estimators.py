@@ -49,6 +49,11 @@ at most doubles the program; duplicate patterns dropped), and solves the grown p
 the current weights (each solve with its own ``max_iter``; ``n_iter_`` sums them). ``gates_``
 and the certificate are then those of the grown program, ``pricing_added_`` lists the gates
 each round added, and ``pricing_violation_`` is measured on a draw no round used.
+``lam="auto"`` fits a geometric path of ``n_lams`` values from ``lam_max_`` down to
+``lam_min_ratio * lam_max_`` on a (1 - ``validation_fraction``) split, warm-started, each point
+to a gap of 1e-3 or a fifth of ``max_iter``; the lam of least validation loss (the program's
+own loss on the held-out rows) wins, ``path_`` records each point's validation loss, score
+(accuracy, or R^2) and certificate, and the head is refitted on all samples at that lam.
 Inputs are used as given; no centering or scaling happens inside.
 """
 
@@ -295,7 +300,8 @@ class _ConvexMLP(NeuronHead):
         return self._finish(progress)
 
     def _choose_lam(self, Z, masks, Y, loss, pen, progress):
-        """Geometric path from lam_max down, warm-started; pick the best validation score."""
+        """Geometric path from lam_max down on a training split, warm-started; the lam of least
+        validation loss wins (``_lam_path``)."""
         n = Z.shape[0]
         gen = torch.Generator().manual_seed(0 if self.random_state is None else self.random_state)
         perm = torch.randperm(n, generator=gen).to(Z.device)
@@ -318,17 +324,9 @@ class _ConvexMLP(NeuronHead):
                 **self._path_limits(),
             )
             W, b = res.W.to(Z.dtype), res.b.to(Z.dtype)
-            F = GatedOperator(Z[val], masks[val]).matvec(W) + b
-            return self._validation_score(F, Y[val]), res.cert, W
+            return GatedOperator(Z[val], masks[val]).matvec(W) + b, res.cert, W
 
-        best_lam, path, best_W = self._lam_path(lams, solve_at, (-math.inf, None, None), progress)
-        assert best_lam is not None
-        return best_lam, path, best_W
-
-    def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
-        ss_res = float((F - Y).square().sum())
-        ss_tot = float((Y - Y.mean(dim=0)).square().sum())
-        return 1.0 - ss_res / ss_tot if ss_tot > 0 else -ss_res
+        return self._lam_path(lams, solve_at, Y[val], loss, (lam_hi, W), progress)
 
     def _pricing(self, Z, problem, W, b) -> float:
         """Largest dual-constraint ratio ||A_g^T theta|| / lam over fresh random gates.
@@ -434,9 +432,6 @@ class ConvexMLPClassifier(ClassifierMixin, _ConvexMLP):
         self.classes_ = self._classes_of(y)
         super().fit(X, y, progress=progress)
         return self
-
-    def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
-        return float((F.argmax(dim=1) == Y.argmax(dim=1)).to(torch.float64).mean())
 
 
 def lam_max(Z, masks, Y, loss, pen, fit_bias: bool) -> float:

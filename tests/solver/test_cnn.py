@@ -343,7 +343,7 @@ def test_lam_auto_picks_from_a_warm_started_path():
     clf.fit(X, y)
     lams = [row["lam"] for row in clf.path_]
     assert lams == sorted(lams, reverse=True) and lams[0] == pytest.approx(clf.lam_max_)
-    assert clf.lam_ == max(clf.path_, key=lambda r: r["validation_score"])["lam"]
+    assert clf.lam_ == min(clf.path_, key=lambda r: r["validation_loss"])["lam"]
 
 
 def test_float32_maps_are_polished_to_the_certificate():

@@ -2,12 +2,14 @@
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from solver import ConvergenceWarning, ConvexMLPClassifier, ConvexMLPRegressor, load
+from solver.losses import CrossEntropyLoss
 
 from .conftest import small_problem
 
@@ -205,9 +207,36 @@ def test_lam_auto_picks_from_a_warm_started_path():
     clf = ConvexMLPClassifier(gates=8, lam="auto", n_lams=6, random_state=0).fit(X, y)
     lams = [row["lam"] for row in clf.path_]
     assert lams == sorted(lams, reverse=True) and lams[0] == pytest.approx(clf.lam_max_)
-    best = max(clf.path_, key=lambda r: r["validation_score"])
+    best = min(clf.path_, key=lambda r: r["validation_loss"])
     assert clf.lam_ == best["lam"]
     assert clf.score(X, y) > 0.6
+
+
+def test_lam_path_keeps_the_least_validation_loss_not_the_best_accuracy():
+    """Held-out outputs whose accuracy keeps rising down the path while the cross-entropy
+    turns up (confidently wrong): the loss decides, and both are recorded."""
+    Y = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1], [0, 1]])
+    outputs = {
+        4.0: torch.zeros(5, 2),  # accuracy 0.6 (ties go to class 0), loss log 2
+        2.0: torch.tensor([[1.0, 0], [1, 0], [1, 0], [0.2, 0], [0.2, 0]]),  # 0.6, 0.507
+        1.0: torch.tensor([[10.0, 0], [10, 0], [10, 0], [0, 10], [30, 0]]),  # 0.8, 6.0
+    }
+    cert = SimpleNamespace(primal=1.0, gap=0.0)
+    weights = {lam: torch.full((1,), lam) for lam in outputs}
+    lam, path, W = ConvexMLPClassifier()._lam_path(
+        list(outputs),
+        lambda lam: (outputs[lam], cert, weights[lam]),
+        Y,
+        CrossEntropyLoss(),
+        (4.0, None),
+        None,
+    )
+    assert lam == 2.0 and W is weights[2.0]
+    assert [round(r["validation_score"], 3) for r in path] == [0.6, 0.6, 0.8]
+    assert path[0]["validation_loss"] == pytest.approx(np.log(2))
+    assert path[1]["validation_loss"] == pytest.approx(
+        (3 * np.log1p(np.exp(-1)) + 2 * np.log1p(np.exp(0.2))) / 5
+    )
 
 
 def test_float32_inputs_are_polished_to_the_certificate():
