@@ -124,8 +124,8 @@ class ConvexHead:
 
         The lam of least validation loss wins (the program's own loss, cross-entropy or
         squared, on the held-out rows; a tie keeps the larger lam), not the best accuracy:
-        accuracy counts a few hundred held-out labels and goes flat where lam stops mattering,
-        so its maximum falls on noise. The MLP head on 10000 Lite0 Fashion-MNIST embeddings (64
+        accuracy is a count of held-out labels that goes flat where lam stops mattering, so
+        its maximum falls on noise. The MLP head on 10000 Lite0 Fashion-MNIST embeddings (64
         gates, 100-iteration path points): validation accuracy 0.8695 / 0.876 / 0.877 /
         0.8785 at 0.01 / 0.0046 / 0.0022 / 0.001 lam_max, within one standard error (0.007)
         of each other, picked the last; the validation cross-entropy 0.355 / 0.346 / 0.360 /
