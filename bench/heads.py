@@ -187,7 +187,7 @@ def _probe_lam_max(cls, X, y, **kw) -> float:
 
 def select_lam(cls, X, y, kw: dict, args) -> dict:
     """lam as a user gets it: the estimator's own lam="auto" (a geometric path from lam_max on
-    a split of the training set, warm-started, the best validation accuracy wins), with short
+    a split of the training set, warm-started, the least validation loss wins), with short
     solves (--path-max-iter). Its time is reported, not added to the fit's."""
     est = cls(
         lam="auto",

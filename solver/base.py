@@ -134,9 +134,10 @@ class ConvexHead:
         0.8792 on 10000 (bench/README.md "lam by validation loss")."""
         path: list[dict[str, float]] = []
         best = (math.inf, *fallback)
+        Y64 = Y_val.to(torch.float64)
         for k, lam in enumerate(lams):
             F, cert, W = solve_at(float(lam))
-            F64, Y64 = F.to(torch.float64), Y_val.to(torch.float64)
+            F64 = F.to(torch.float64)
             value = float(loss.value(F64, Y64))
             path.append(
                 {
