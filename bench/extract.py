@@ -310,5 +310,8 @@ def _save(args, machine: dict, results: list) -> None:
 
 
 if __name__ == "__main__":
+    from cvxtune.memory import reexec_tuned
+
+    reexec_tuned()  # the settings the service runs with, for every row alike
     np.set_printoptions(precision=3)
     main()

@@ -409,4 +409,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    from cvxtune.memory import reexec_tuned
+
+    reexec_tuned()  # the settings the service runs with, for every row alike
     raise SystemExit(main())

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("cvxtune.client:predict_main", "predict images or embeddings with a head"),
     "backbones": ("cvxtune.client:backbones_main", "the service's backbones and their weights"),
 }
+# Commands that run backbones or fit heads start again with cvxtune.memory's malloc settings.
+HEAVY = {"embed", "serve", "worker"}
 
 
 def _usage() -> str:
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"cvxtune: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name in HEAVY and argv is None:
+        from cvxtune.memory import reexec_tuned
+
+        reexec_tuned()
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(args[1:]) or 0)

@@ -403,14 +403,19 @@ def load_backbone(
     """Build `name` with its weights, frozen, in eval mode, channels_last, on `device`.
 
     With `fuse` (the default), BatchNorms are folded into the convolutions before them
-    (`fuse_batchnorm`): the same function, a faster forward. Raises WeightsUnavailable
-    naming the backbone and the ways to supply weights when no weights are on this machine
-    (and random weights were not allowed).
+    (`fuse_batchnorm`): the same function, a faster forward. Loading a backbone also sets the
+    process's malloc thresholds where they were not set at start-up
+    (`cvxtune.memory.keep_freed_memory`), so its forwards reuse their activations' memory.
+    Raises WeightsUnavailable naming the backbone and the ways to supply weights when no
+    weights are on this machine (and random weights were not allowed).
     """
     import timm
     import torch
 
+    from cvxtune.memory import keep_freed_memory
+
     spec = get_spec(name)
+    keep_freed_memory()
     source = weights_source(
         name, weights_dir=weights_dir, allow_random=allow_random, allow_download=allow_download
     )
