@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from solver import ConvergenceWarning, ConvexMLPClassifier, ConvexMLPRegressor, load
+from solver import ConvergenceWarning, ConvexMLPClassifier, ConvexMLPRegressor, estimators, load
 from solver.losses import CrossEntropyLoss
 
 from .conftest import small_problem
@@ -40,14 +40,35 @@ def test_lam_at_lam_max_gives_exactly_zero(loss, penalty):
         {"penalty": "nuclear", "fit_intercept": False},
     ],
 )
-def test_recovered_gated_network_reproduces_predictions(kwargs):
+def test_recovered_gated_network_reproduces_predictions(kwargs, monkeypatch):
     X, y = small_problem(seed=6)
     clf = ConvexMLPClassifier(gates=8, lam=0.01, random_state=0, **kwargs).fit(X, y)
     net = clf.to_torch()
     assert isinstance(net, torch.nn.Module)
     out = net(torch.as_tensor(X))
+    monkeypatch.setattr(estimators, "NEURON_ROWS", 0)  # the blocks' sum, not the neurons'
     assert torch.allclose(out, clf.decision_function(X), atol=1e-10)
     assert net.hidden.out_features == clf.n_neurons_
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_few_rows_predict_through_the_neurons_as_the_blocks_do(dtype):
+    """Up to NEURON_ROWS rows the gated head sums its neurons, above that its blocks through
+    the operator: the same outputs either way, rows of a large batch or a few alone."""
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((estimators.NEURON_ROWS + 200, 12)).astype(dtype)
+    y = (X[:, 0] + np.maximum(X[:, 1], 0) > 0.3).astype(int) + (X[:, 2] > 1.0)
+    clf = ConvexMLPClassifier(gates=16, lam=1e-3, random_state=0, max_iter=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(X, y)
+    assert clf.n_neurons_ > 0 and len(np.unique(y)) == 3
+    batch = clf.decision_function(X)  # the operator
+    for rows in (slice(0, 1), slice(5, 9), slice(0, estimators.NEURON_ROWS)):
+        few = clf.decision_function(X[rows])  # the neurons
+        tol = 1e-9 if dtype == np.float64 else 1e-5
+        assert torch.allclose(few, batch[rows], rtol=tol, atol=tol * float(batch.abs().max()))
+    assert (clf.predict(X[:7]) == clf.predict(X)[:7]).all()
 
 
 def test_recovered_nuclear_network_has_the_convex_objective():
