@@ -65,7 +65,9 @@ def tuned_environ(environ: Mapping[str, str]) -> dict[str, str]:
 
 def needs_tuning(environ: Mapping[str, str]) -> bool:
     """Whether a process started with `environ` on this machine would lack the settings."""
-    return is_glibc() and environ.get(REEXEC_MARK) != "1" and tuned_environ(environ) != environ
+    if not is_glibc() or environ.get(REEXEC_MARK) == "1":
+        return False
+    return tuned_environ(environ) != dict(environ)
 
 
 def reexec_tuned(argv: Sequence[str] | None = None) -> None:
