@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 glibc_only = pytest.mark.skipif(not is_glibc(), reason="malloc settings are glibc's")
 
 # Allocates and frees blocks the sizes of a forward's activations, over and over, in the main
-# thread and in two threads (as extraction streams and serving runners do), and prints the
-# minor page faults of each thread after the first rounds: what a batch costs once warm.
+# thread and in two other threads (each with its own arena by default, as extraction streams and
+# serving runners), and prints the minor page faults of each thread after the first rounds: what
+# a batch costs once warm.
 PATTERN = """
 import json, resource, sys, threading
 import numpy as np
@@ -44,9 +45,10 @@ def steady_faults(rounds=12, warm=4):
 out = {"main": steady_faults()}
 def run(k):
     out[f"thread{k}"] = steady_faults()
-threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
-[t.start() for t in threads]
-[t.join() for t in threads]
+for k in range(2):  # one after another: together, how their first rounds interleave decides
+    t = threading.Thread(target=run, args=(k,))  # how far a shared heap grows, run to run
+    t.start()
+    t.join()
 print(json.dumps(out))
 """
 # tf_efficientnet_lite0's activations at batch 4 (under 32 MiB) and at batch 16 (above 64 MiB).
