@@ -44,15 +44,24 @@ def get_session(ctx: CtxDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_project(request: Request, session: SessionDep) -> Project:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
+def bearer_key(request: Request) -> str:
+    """The key of 'Authorization: Bearer KEY'; Unauthorized when there is none."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("missing API key: send 'Authorization: Bearer KEY'")
-    project = project_for_key(session, key.strip())
+    return key.strip()
+
+
+def project_of(session: Session, key: str) -> Project:
+    """The project of an API key that is not revoked; Unauthorized otherwise."""
+    project = project_for_key(session, key)
     if project is None:
         raise Unauthorized("unknown or revoked API key")
     return project
+
+
+def get_project(request: Request, session: SessionDep) -> Project:
+    return project_of(session, bearer_key(request))
 
 
 ProjectDep = Annotated[Project, Depends(get_project)]

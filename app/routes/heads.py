@@ -1,13 +1,16 @@
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from app import uploads
-from app.deps import CtxDep, ProjectDep, SessionDep
+from app.deps import CtxDep, ProjectDep, SessionDep, bearer_key, project_of
 from app.problems import PayloadTooLarge
 from app.routes.common import get_owned, paginate
 from app.routes.predictions import to_public as prediction_public
@@ -20,7 +23,7 @@ from app.schemas import (
     PredictResponse,
 )
 from cvxtune.contracts import HEAD_OUTPUT, JobState
-from cvxtune.db import Dataset, Head, Prediction, new_id, utcnow
+from cvxtune.db import Dataset, Head, Prediction, committing, new_id, utcnow
 from cvxtune.errors import InvalidInput, NotFound
 
 router = APIRouter(prefix="/v1/heads", tags=["heads"])
@@ -70,6 +73,34 @@ def download_weights(
     )
 
 
+@dataclass(frozen=True)
+class ServedHead:
+    id: str
+    head_dir: Path
+    classes: list[str]
+    backbone: str | None
+
+
+async def served_head(head_id: str, request: Request, ctx: CtxDep) -> ServedHead:
+    """The caller's head, for predict: the API key and the head's row in one trip to the
+    threadpool and one short session, none of it on the event loop (the hot route; ProjectDep
+    and SessionDep make three trips, and the row would be read on the loop). The artifact
+    store's local path is resolved there too: from an S3 store it downloads the head once."""
+    key = bearer_key(request)
+
+    def look_up() -> ServedHead:
+        with committing(ctx.sessions) as session:
+            project = project_of(session, key)
+            head = get_owned(session, Head, head_id, project.id, "head")
+            classes, backbone, artifact = list(head.classes), head.backbone, head.artifact_key
+        return ServedHead(head_id, ctx.store.local_path(artifact), classes, backbone)
+
+    return await run_in_threadpool(look_up)
+
+
+ServedHeadDep = Annotated[ServedHead, Depends(served_head)]
+
+
 @router.post(
     "/{head_id}/predict",
     response_model=PredictResponse,
@@ -92,16 +123,11 @@ def download_weights(
         }
     },
 )
-async def predict(
-    head_id: str, request: Request, ctx: CtxDep, project: ProjectDep, session: SessionDep
-) -> dict[str, Any]:
+async def predict(request: Request, ctx: CtxDep, head: ServedHeadDep) -> dict[str, Any]:
     """Images as multipart field `files` (one or more), or JSON {"embeddings": [...]} with one
     entry per sample shaped as the head's input: (d,) for mlp, (channels, height, width) for
     cnn, (tokens, d) for attention heads."""
-    head = get_owned(session, Head, head_id, project.id, "head")
-    head_dir = ctx.store.local_path(head.artifact_key)
-    classes, backbone = list(head.classes), head.backbone
-    session.close()  # do not hold a connection while the model runs
+    head_id, head_dir, classes, backbone = head.id, head.head_dir, head.classes, head.backbone
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):
         X = _embeddings(await _body(request, MAX_PREDICT_BYTES))

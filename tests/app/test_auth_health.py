@@ -4,13 +4,19 @@ from cvxtune.db import ApiKey, session_scope
 
 
 def test_requests_without_a_valid_key_are_refused(client, auth):
+    predict = "/v1/heads/hd_0123456789abcdef/predict"  # checks the key its own way (one trip)
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}):
-        r = client.get("/v1/datasets", headers=headers)
-        assert r.status_code == 401
-        assert r.headers["content-type"] == "application/problem+json"
-        body = r.json()
-        assert body["code"] == "unauthorized" and body["status"] == 401 and body["detail"]
+        for r in (
+            client.get("/v1/datasets", headers=headers),
+            client.post(predict, headers=headers, json={"embeddings": [[0.0]]}),
+        ):
+            assert r.status_code == 401
+            assert r.headers["content-type"] == "application/problem+json"
+            body = r.json()
+            assert body["code"] == "unauthorized" and body["status"] == 401 and body["detail"]
     assert client.get("/v1/datasets", headers=auth).status_code == 200
+    r = client.post(predict, headers=auth, json={"embeddings": [[0.0]]})
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
 
 
 def test_keys_are_stored_hashed(settings, auth):
