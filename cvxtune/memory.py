@@ -73,11 +73,11 @@ def needs_tuning(environ: Mapping[str, str]) -> bool:
 def reexec_tuned(argv: Sequence[str] | None = None) -> None:
     """Start this command again in place (same pid, same open files) with TUNABLES, unless it
     already has them or this is not glibc. Call it first thing, before threads start."""
-    if not needs_tuning(os.environ):
-        return
+    args = list(sys.orig_argv if argv is None else argv)
+    if not needs_tuning(os.environ) or not sys.executable or not args:
+        return  # (no interpreter to start again: an embedded or frozen Python)
     env = tuned_environ(os.environ)
     env[REEXEC_MARK] = "1"
-    args = list(sys.orig_argv if argv is None else argv)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, args, env)
