@@ -9,7 +9,7 @@ most 64 MiB, so a large block allocated in a thread (extraction streams, serving
 fresh mapping whatever the thresholds. Each fresh mapping is faulted in page by page: on this
 project's 2-core CPU VM the extraction pipeline of tf_efficientnet_lite0 at batch 32 took 5600
 minor page faults per image and ran at 81-85 images/s; with the settings below, 19 faults per
-image and 140-142 images/s (bench/README.md, "malloc").
+image and 140-142 images/s (bench/README.md, "malloc keeps freed memory").
 
 glibc reads these settings once, when a process starts (the environment variable
 GLIBC_TUNABLES), so `reexec_tuned` starts the command again with them; the `cvxtune` commands
