@@ -137,6 +137,13 @@ def test_finetune_and_predict_each_kind(client, auth, settings, queue, fashion, 
     tol = 1e-3 if _cuda() else 1e-4
     for a, b in zip(by_embedding, by_image, strict=True):
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=tol)
+    # A file that is not an image is refused, saying so, and the head serves the next request.
+    bad = [*_files(probe_images[:1]), ("files", ("x.png", b"not an image", "image/png"))]
+    r = client.post(f"/v1/heads/{head['id']}/predict", headers=auth, files=bad)
+    assert r.status_code == 422 and r.json()["code"] == "invalid_input", r.text
+    assert "image" in r.json()["detail"]
+    r = client.post(f"/v1/heads/{head['id']}/predict", headers=auth, files=_files(probe_images))
+    assert [p["label"] for p in r.json()["predictions"]] == [p["label"] for p in by_image]
 
     # A batch prediction over the training images agrees with online prediction (both in
     # float32 on the CPU; on a GPU, extraction runs under autocast and agrees less closely).
