@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import platform
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -49,7 +48,14 @@ _kept: bool | None = None
 
 
 def is_glibc() -> bool:
-    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    """Whether this process runs on glibc (the C library it has loaded, not what the
+    interpreter's file was linked against)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError):  # a libc that does not know the name (musl)
+        return False
 
 
 def tuned_environ(environ: Mapping[str, str]) -> dict[str, str]:
