@@ -58,31 +58,36 @@ def is_glibc() -> bool:
         return False
 
 
+def _tunables(environ: Mapping[str, str]) -> list[str]:
+    """The name=value items of GLIBC_TUNABLES in `environ`, in order."""
+    return [item for item in environ.get("GLIBC_TUNABLES", "").split(":") if item]
+
+
+def _names(items: list[str]) -> set[str]:
+    return {item.split("=", 1)[0] for item in items}
+
+
 def tuned_environ(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` with TUNABLES added to GLIBC_TUNABLES, keeping any of them already set there."""
-    current = environ.get("GLIBC_TUNABLES", "")
-    have = {item.split("=", 1)[0] for item in current.split(":") if item}
+    current = _tunables(environ)
+    have = _names(current)
     extra = [f"{k}={v}" for k, v in TUNABLES.items() if k not in have]
     env = dict(environ)
     if extra:
-        env["GLIBC_TUNABLES"] = ":".join([*filter(None, current.split(":")), *extra])
+        env["GLIBC_TUNABLES"] = ":".join([*current, *extra])
     return env
-
-
-def needs_tuning(environ: Mapping[str, str]) -> bool:
-    """Whether a process started with `environ` on this machine would lack the settings."""
-    if not is_glibc() or environ.get(REEXEC_MARK) == "1":
-        return False
-    return tuned_environ(environ) != dict(environ)
 
 
 def reexec_tuned(argv: Sequence[str] | None = None) -> None:
     """Start this command again in place (same pid, same open files) with TUNABLES, unless it
-    already has them or this is not glibc. Call it first thing, before threads start."""
+    already has them, was started again already, or this is not glibc. Call it first thing,
+    before threads start."""
     args = list(sys.orig_argv if argv is None else argv)
-    if not needs_tuning(os.environ) or not sys.executable or not args:
-        return  # (no interpreter to start again: an embedded or frozen Python)
+    if not is_glibc() or os.environ.get(REEXEC_MARK) == "1":
+        return
     env = tuned_environ(os.environ)
+    if env == dict(os.environ) or not sys.executable or not args:
+        return  # nothing to add, or no interpreter to start again (embedded or frozen Python)
     env[REEXEC_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
@@ -102,7 +107,7 @@ def keep_freed_memory() -> bool:
 def _mallopt() -> bool:
     if not is_glibc():
         return False
-    if "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+    if "glibc.malloc.mmap_threshold" in _names(_tunables(os.environ)):
         return True  # set at start-up, beyond what mallopt may set: do not lower it
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
