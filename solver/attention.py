@@ -231,11 +231,8 @@ class ConvexAttentionClassifier(ClassifierMixin, ConvexHead):
     def _choose_lam(self, z, Y, loss, pen, W, progress):
         """Geometric path from lam_max down, warm-started; the lam of least validation loss wins
         (``_lam_path``)."""
-        n = z.shape[0]
-        gen = torch.Generator().manual_seed(_seed(self.random_state, 2))
-        perm = torch.randperm(n, generator=gen).to(z.device)
-        n_val = min(n - 1, max(1, round(self.validation_fraction * n)))
-        val, tr = perm[:n_val], perm[n_val:]
+        seed = _seed(self.random_state, 2)
+        val, tr = self._validation_split(z.shape[0], self.validation_fraction, seed, z.device)
         op, op_val = self._operator(z[tr], Y.dtype), self._operator(z[val], torch.float64)
         lam_hi = self.lam_max_ if self.lam_max_ > 0 else 1.0
         b = torch.zeros(Y.shape[1], dtype=Y.dtype, device=Y.device)

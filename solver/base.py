@@ -154,6 +154,17 @@ class ConvexHead:
                 progress(0.8 * (k + 1) / len(lams), {"stage": "lam_path", "lam": float(lam)})
         return best[1], path, best[2]
 
+    @staticmethod
+    def _validation_split(
+        n: int, fraction: float, seed: int, device: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(validation rows, training rows) of lam="auto"'s path: a seeded permutation of n
+        rows, about ``fraction`` of them held out, at least one row on each side."""
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=gen).to(device)
+        n_val = min(n - 1, max(1, round(fraction * n)))
+        return perm[:n_val], perm[n_val:]
+
     def _validation_score(self, F: torch.Tensor, Y: torch.Tensor) -> float:
         """What ``score`` reports, from outputs F and targets Y: R^2 (classifiers: accuracy)."""
         ss_res = float((F - Y).square().sum())

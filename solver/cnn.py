@@ -314,11 +314,8 @@ class ConvexCNNClassifier(ClassifierMixin, NeuronHead):
     def _choose_lam(self, op: ConvOperator, Y, loss, pen, progress: Progress | None):
         """Geometric path from lam_max down on a training split, warm-started; the lam of
         least validation loss wins (``_lam_path``)."""
-        n = Y.shape[0]
-        gen = torch.Generator().manual_seed(0 if self.random_state is None else self.random_state)
-        perm = torch.randperm(n, generator=gen).to(Y.device)
-        n_val = min(n - 1, max(1, round(self.validation_fraction * n)))
-        val, tr = perm[:n_val], perm[n_val:]
+        seed = 0 if self.random_state is None else self.random_state
+        val, tr = self._validation_split(Y.shape[0], self.validation_fraction, seed, Y.device)
         train_op, val_op = op.rows(tr), op.rows(val)
         lams = (self.lam_max_ or 1.0) * np.geomspace(1.0, self.lam_min_ratio, self.n_lams)
         W = Y.new_zeros(op.n_gates, op.h, Y.shape[1])

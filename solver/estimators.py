@@ -307,11 +307,8 @@ class _ConvexMLP(NeuronHead):
     def _choose_lam(self, Z, masks, Y, loss, pen, progress):
         """Geometric path from lam_max down on a training split, warm-started; the lam of least
         validation loss wins (``_lam_path``)."""
-        n = Z.shape[0]
-        gen = torch.Generator().manual_seed(0 if self.random_state is None else self.random_state)
-        perm = torch.randperm(n, generator=gen).to(Z.device)
-        n_val = max(1, round(self.validation_fraction * n))
-        val, tr = perm[:n_val], perm[n_val:]
+        seed = 0 if self.random_state is None else self.random_state
+        val, tr = self._validation_split(Z.shape[0], self.validation_fraction, seed, Z.device)
         lam_hi = self.lam_max_ if self.lam_max_ > 0 else 1.0
         lams = lam_hi * np.geomspace(1.0, self.lam_min_ratio, self.n_lams)
         op = GatedOperator(Z[tr], masks[tr])

@@ -233,6 +233,20 @@ def test_lam_auto_picks_from_a_warm_started_path():
     assert clf.score(X, y) > 0.6
 
 
+def test_lam_auto_keeps_a_training_row_whatever_the_validation_fraction():
+    """The path's split holds out at least one row and keeps at least one to train on; with
+    four samples and a fraction of 0.9 it used to hold out all four and fail in the solver."""
+    X, y = small_problem(seed=14, n=4)
+    clf = ConvexMLPClassifier(gates=4, lam="auto", n_lams=2, validation_fraction=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(X, y)
+    assert len(clf.path_) == 2 and clf.lam_ in [row["lam"] for row in clf.path_]
+    val, tr = clf._validation_split(4, 0.9, 0, "cpu")
+    assert len(val) == 3 and len(tr) == 1
+    assert sorted(torch.cat([val, tr]).tolist()) == [0, 1, 2, 3]
+
+
 def test_lam_path_keeps_the_least_validation_loss_not_the_best_accuracy():
     """Held-out outputs whose accuracy keeps rising down the path while the cross-entropy
     turns up (confidently wrong): the loss decides, and both are recorded."""
