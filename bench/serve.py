@@ -63,15 +63,18 @@ def forward_limit(
     batch_sizes: tuple[int, ...] = (1, 4, 8, 32), seconds: float = 2.0, device: str = "cpu"
 ) -> dict:
     """Sustained images/s of the bare forward on random 224 px inputs, for every batch size x
-    memory format x layout: one forward on all cores' intra-op threads, or one single-threaded
-    forward per core side by side (what the server's runners do). The best is the limit.
-    On a GPU: one forward under the extractor's autocast, inputs already on the device."""
+    memory format x layout x way of running: one forward on all cores' intra-op threads, or one
+    single-threaded forward per core side by side (what the server's runners do); the frozen
+    TorchScript graph the service runs (`workers.graphs`) or the eager module. The best is the
+    limit. On a GPU: one forward under the extractor's autocast, inputs already on the device."""
+    import copy
+    import dataclasses
     import threading
 
     import torch
 
     from workers.backbones import load_backbone
-    from workers.extract import usable_cpus
+    from workers.extract import forward, usable_cpus
 
     bb = load_backbone(BACKBONE, device=device)
     if device.startswith("cuda"):
@@ -79,11 +82,11 @@ def forward_limit(
     cpus, threads0 = usable_cpus(), torch.get_num_threads()
     rows = []
 
-    def sustained(model: Any, x: Any) -> tuple[int, float]:
+    def sustained(b: Any, x: Any) -> tuple[int, float]:
         n, t0 = 0, time.perf_counter()
         with torch.inference_mode():
             while time.perf_counter() - t0 < seconds:
-                model(x)
+                forward(b, x, "pooled")
                 n += len(x)
         return n, time.perf_counter() - t0
 
@@ -91,32 +94,36 @@ def forward_limit(
         ("channels_last", torch.channels_last),
         ("contiguous", torch.contiguous_format),
     ):
-        model = bb.model.to(memory_format=fmt)
-        for layout, forwards in (("1 forward", 1), (f"{cpus} forwards x 1 thread", cpus)):
-            if forwards > 1 and cpus == 1:
-                continue
-            torch.set_num_threads(threads0 if forwards == 1 else 1)
-            for bs in batch_sizes:
-                x = torch.randn(bs, 3, 224, 224).contiguous(memory_format=fmt)
-                with torch.inference_mode():
-                    model(x)  # warm-up
-                out: list[tuple[int, float]] = []
-                workers = [
-                    threading.Thread(target=lambda m=model, x=x, o=out: o.append(sustained(m, x)))
-                    for _ in range(forwards)
-                ]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
-                rows.append(
-                    {
-                        "memory_format": fmt_name,
-                        "layout": layout,
-                        "batch": bs,
-                        "images_per_s": sum(n for n, _ in out) / max(t for _, t in out),
-                    }
-                )
+        model = copy.deepcopy(bb.model).to(memory_format=fmt)
+        for graph in (True, False):
+            b = dataclasses.replace(bb, model=model, graphs=graph)
+            for layout, forwards in (("1 forward", 1), (f"{cpus} forwards x 1 thread", cpus)):
+                if forwards > 1 and cpus == 1:
+                    continue
+                torch.set_num_threads(threads0 if forwards == 1 else 1)
+                for bs in batch_sizes:
+                    x = torch.randn(bs, 3, 224, 224).contiguous(memory_format=fmt)
+                    with torch.inference_mode():
+                        forward(b, x, "pooled")  # warm-up (and the graph's profiling run)
+                        forward(b, x, "pooled")
+                    out: list[tuple[int, float]] = []
+                    workers = [
+                        threading.Thread(target=lambda x=x, o=out, b=b: o.append(sustained(b, x)))
+                        for _ in range(forwards)
+                    ]
+                    for w in workers:
+                        w.start()
+                    for w in workers:
+                        w.join()
+                    rows.append(
+                        {
+                            "memory_format": fmt_name,
+                            "graph": graph,
+                            "layout": layout,
+                            "batch": bs,
+                            "images_per_s": sum(n for n, _ in out) / max(t for _, t in out),
+                        }
+                    )
     torch.set_num_threads(threads0)
     top = max(rows, key=lambda r: r["images_per_s"])
     return {"rows": rows, "best": top}

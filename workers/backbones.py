@@ -330,6 +330,8 @@ class Backbone:
     source: WeightsSource
     weights_id: str
     device: Any  # torch.device
+    # CPU forwards through frozen TorchScript graphs (`workers.graphs`), built on first use.
+    graphs: bool = True
 
     @property
     def name(self) -> str:
@@ -399,11 +401,14 @@ def load_backbone(
     allow_download: bool = False,
     device: str | Any = "cpu",
     fuse: bool = True,
+    graphs: bool = True,
 ) -> Backbone:
     """Build `name` with its weights, frozen, in eval mode, channels_last, on `device`.
 
     With `fuse` (the default), BatchNorms are folded into the convolutions before them
-    (`fuse_batchnorm`): the same function, a faster forward. Loading a backbone also sets the
+    (`fuse_batchnorm`): the same function, a faster forward. With `graphs` (the default), CPU
+    forwards run through frozen TorchScript graphs of the model (`workers.graphs`), which
+    release the interpreter lock for the whole forward. Loading a backbone also sets the
     process's malloc thresholds where they were not set at start-up
     (`cvxtune.memory.keep_freed_memory`), so its forwards reuse their activations' memory.
     Raises WeightsUnavailable naming the backbone and the ways to supply weights when no
@@ -433,7 +438,7 @@ def load_backbone(
         model = fused(model, spec.input_size)
     device = torch.device(device)
     model = model.to(device=device, memory_format=torch.channels_last)
-    return Backbone(spec, model, source, weights_id(source, name), device)
+    return Backbone(spec, model, source, weights_id(source, name), device, graphs)
 
 
 # Measured on this project's 2-core CPU VM, bare forward, batch 16, channels_last, 2 threads:

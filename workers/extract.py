@@ -55,27 +55,33 @@ DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 128}
 
 
 def forward(bb: Backbone, x: Any, output: str) -> Any:
-    """One batch through the frozen backbone; returns the requested output in float32."""
+    """One batch through the frozen backbone; returns the requested output in float32.
+
+    On the CPU the network runs as a frozen TorchScript graph (`workers.graphs`) unless the
+    backbone was loaded with `graphs=False`; on CUDA eagerly, under autocast."""
     import torch
 
-    model = bb.model
+    from workers import graphs
+
     autocast = bb.device.type == "cuda"
+    if bb.graphs and bb.device.type == "cpu":
+        net = graphs.graph(bb.model, bb.spec.input_size)
+    else:
+        net = graphs.Forward(bb.model)
     dtype = torch.bfloat16 if autocast and torch.cuda.is_bf16_supported() else torch.float16
     with torch.autocast(bb.device.type, dtype=dtype, enabled=autocast):
-        feats = model.forward_features(x)
+        # CNN features (B, C, H, W); ViT features (B, T, d); pooled (B, d)
+        out, pooled = net(x)
         if output == "pooled":
-            out = model.forward_head(feats, pre_logits=True)
-        elif bb.spec.family == "cnn":
-            # (B, C, H, W); tokens are the map's positions, row-major: (B, H*W, C).
-            out = feats if output == "feature_map" else feats.flatten(2).transpose(1, 2)
-        else:
-            # (B, T, d) with the class token first; the map is the patch grid: (B, d, h, w).
-            if output == "tokens":
-                out = feats
-            else:
-                patches = feats[:, getattr(model, "num_prefix_tokens", 1) :]
-                c, h, w = bb.spec.feature_map_shape
-                out = patches.transpose(1, 2).reshape(len(x), c, h, w)
+            out = pooled
+        elif output == "tokens" and bb.spec.family == "cnn":
+            # The map's positions, row-major: (B, H*W, C).
+            out = out.flatten(2).transpose(1, 2)
+        elif output == "feature_map" and bb.spec.family == "vit":
+            # The class token comes first; the map is the patch grid: (B, d, h, w).
+            patches = out[:, getattr(bb.model, "num_prefix_tokens", 1) :]
+            c, h, w = bb.spec.feature_map_shape
+            out = patches.transpose(1, 2).reshape(len(x), c, h, w)
     return out.float()
 
 

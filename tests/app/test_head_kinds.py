@@ -436,19 +436,20 @@ def test_fixed_shapes_warm_every_batch_size_and_pad_live_batches(monkeypatch, ca
     import threading
 
     import workers.backbones
+    import workers.extract
     from workers.serving import Server
 
     assert not Server(device="cpu").fixed_shapes  # the CPU default: no padding
     server = Server(allow_random=True, max_batch=8, device="cpu", fixed_shapes=True)
     bb = workers.backbones.load_backbone("mobilenetv3_small_100", allow_random=True)
     shapes: list[tuple[int, str]] = []
-    original = bb.model.forward_features
+    original = workers.extract.forward
 
-    def spy(x):
+    def spy(b, x, output):
         shapes.append((len(x), threading.current_thread().name))
-        return original(x)
+        return original(b, x, output)
 
-    monkeypatch.setattr(bb.model, "forward_features", spy)
+    monkeypatch.setattr(workers.extract, "forward", spy)
     monkeypatch.setattr(workers.backbones, "load_backbone", lambda *a, **k: bb)
     with caplog.at_level(logging.INFO, logger="cvxtune.serving"):
         server.warm("mobilenetv3_small_100")

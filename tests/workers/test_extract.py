@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+import workers.extract
 from cvxtune.errors import DatasetError, InvalidInput
 from workers.backbones import load_backbone
 from workers.datasets import open_dataset
-from workers.extract import embed_images, extract
+from workers.extract import embed_images, extract, forward
 from workers.preprocessing import preprocess, stack_uint8
 from workers.sample_data import png_bytes, write_members
 
@@ -156,7 +157,9 @@ def test_a_kept_preprocessor_gives_every_batch_what_a_fresh_one_gives(small_zip,
     assert kept._buffer is not None and len(kept._buffer) == 4
 
 
-def test_padded_batches_take_few_shapes_and_give_the_same_embeddings(small_images, mobile):
+def test_padded_batches_take_few_shapes_and_give_the_same_embeddings(
+    monkeypatch, small_images, mobile
+):
     from workers.extract import bucket_size, bucket_sizes
 
     assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
@@ -164,20 +167,16 @@ def test_padded_batches_take_few_shapes_and_give_the_same_embeddings(small_image
     assert [bucket_size(n, 6) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
     images = list(small_images[0][:7])
     seen = []
-    original = mobile.model.forward_features
 
-    def spy(x):
+    def spy(bb, x, output):
         seen.append(len(x))
-        return original(x)
+        return forward(bb, x, output)
 
-    mobile.model.forward_features = spy
-    try:
-        padded = embed_images(mobile, images, batch_size=4, pad_batches=True)
-        for output in ("feature_map", "tokens"):
-            Z = embed_images(mobile, images[:3], output=output, pad_batches=True)
-            assert np.allclose(Z, embed_images(mobile, images[:3], output=output), atol=1e-5)
-    finally:
-        del mobile.model.forward_features
+    monkeypatch.setattr(workers.extract, "forward", spy)
+    padded = embed_images(mobile, images, batch_size=4, pad_batches=True)
+    for output in ("feature_map", "tokens"):
+        Z = embed_images(mobile, images[:3], output=output, pad_batches=True)
+        assert np.allclose(Z, embed_images(mobile, images[:3], output=output), atol=1e-5)
     # 7 images in batches of 4: 4, then 3 padded to 4; 3 images: padded to 4, unpadded 3.
     assert seen == [4, 4, 4, 3, 4, 3]
     assert padded.shape[0] == 7

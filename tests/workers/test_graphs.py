@@ -1,0 +1,74 @@
+"""CPU forwards through frozen TorchScript graphs: the eager module's outputs, at any batch size,
+from any thread; the eager forward where no faithful graph can be built."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from workers import graphs
+from workers.backbones import CATALOGUE, OUTPUTS, load_backbone
+from workers.extract import forward
+
+
+def _inputs(sizes, input_size=(3, 224, 224), seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(n, *input_size, generator=gen).contiguous(memory_format=torch.channels_last)
+        for n in sizes
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_graph_outputs_equal_the_eager_modules_at_other_batch_sizes(name):
+    bb = load_backbone(name, allow_random=True, weights_dir="/nonexistent")
+    eager = load_backbone(name, allow_random=True, weights_dir="/nonexistent", graphs=False)
+    # Traced at batch 2 and checked at 2 and 3 when built; used here at 1 and 5.
+    with torch.inference_mode():
+        for x in _inputs((1, 5)):
+            for output in OUTPUTS:
+                got, want = forward(bb, x, output), forward(eager, x, output)
+                assert got.shape == want.shape
+                assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    assert graphs.is_graph(graphs.graph(bb.model, bb.spec.input_size))
+    assert not graphs.is_graph(graphs.Forward(eager.model))
+
+
+def test_one_graph_serves_threads_side_by_side():
+    bb = load_backbone("mobilenetv3_small_100", allow_random=True, weights_dir="/nonexistent")
+    xs = _inputs((1, 4, 3, 6, 2, 5, 4, 1), seed=2)
+    with torch.inference_mode():
+        want = [graphs.Forward(bb.model)(x)[1] for x in xs]
+
+    def run(x):
+        with torch.inference_mode():
+            return forward(bb, x, "pooled")
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(run, xs))
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, rtol=0, atol=1e-5 * float(w.abs().max()))
+
+
+class _SizeBound(torch.nn.Module):
+    """A network whose output reads the batch size as a Python number: a trace freezes it."""
+
+    def forward_features(self, x):
+        return x.mean((2, 3)) * int(x.shape[0])
+
+    def forward_head(self, feats, pre_logits=False):
+        return feats
+
+
+def test_a_graph_that_differs_from_the_module_is_not_used(caplog):
+    model = _SizeBound()
+    with caplog.at_level(logging.WARNING, logger="cvxtune.backbones"):
+        net = graphs.graph(model, (3, 4, 4))
+    assert not graphs.is_graph(net)
+    assert "no TorchScript graph (outputs differ" in caplog.text
+    x = _inputs((5,), (3, 4, 4))[0]
+    assert torch.equal(net(x)[1], x.mean((2, 3)) * 5)
+    assert graphs.graph(model, (3, 4, 4)) is net  # kept: not built again
