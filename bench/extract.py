@@ -3,8 +3,9 @@
     python bench/extract.py                       # all five backbones, 512 images
     python bench/extract.py --backbones tf_efficientnet_lite0 --n 1024
 
-"bare": the model alone on already decoded, normalised tensors in memory, best over batch sizes
-and memory formats (contiguous NCHW vs channels_last). "pipeline": workers.extract.extract on a
+"bare": the model alone on already decoded, normalised tensors in memory, best over batch sizes,
+memory formats (contiguous NCHW vs channels_last) and ways of running (the frozen graph that
+extraction runs, workers.graphs, or the eager module). "pipeline": workers.extract.extract on a
 zip of real Fashion-MNIST PNGs (read, decode, resize+crop, normalise, forward, write rows), with
 no cache, timed from the start of the loader to the last row; "end to end" adds opening and
 validating the archive, hashing it and loading the model. Bare and pipeline runs alternate, and

@@ -4,7 +4,8 @@
 
 Measures, in one run on one machine, with tf_efficientnet_lite0 and a Fashion-MNIST PNG:
 1. limit: the backbone's best bare batched forward (batch size x memory format x one forward
-   on all threads or one single-threaded forward per core), sustained images/s;
+   on all threads or one single-threaded forward per core x frozen graph or eager module),
+   sustained images/s;
 2. bare: a FastAPI endpoint that decodes, embeds (one forward per request) and applies the head;
 3. cvxtune: POST /v1/heads/{id}/predict through auth, the database, the LRU caches and the
    dynamic batcher, served by `cvxtune serve --no-worker`.
