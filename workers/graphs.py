@@ -59,6 +59,12 @@ def graph(model: Any, input_size: tuple[int, int, int]) -> Any:
         return _graphs[model]
 
 
+def built(model: Any) -> Any:
+    """What `graph` returns for `model` if it was built already, else None."""
+    with _lock:
+        return _graphs.get(model)
+
+
 def is_graph(fn: Any) -> bool:
     return isinstance(fn, torch.jit.ScriptModule)
 

@@ -286,6 +286,10 @@ class Server:
                 allow_random=self.allow_random,
                 device=self.device,
             )
+            if bb.graphs and bb.device.type == "cpu":
+                from workers.graphs import graph
+
+                graph(bb.model, bb.spec.input_size)  # built now, not in the first request
 
             pad, size = self.fixed_shapes, self.max_batch
             per_runner = threading.local()  # each runner thread keeps its own preprocessor

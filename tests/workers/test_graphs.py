@@ -72,3 +72,15 @@ def test_a_graph_that_differs_from_the_module_is_not_used(caplog):
     x = _inputs((5,), (3, 4, 4))[0]
     assert torch.equal(net(x)[1], x.mean((2, 3)) * 5)
     assert graphs.graph(model, (3, 4, 4)) is net  # kept: not built again
+
+
+def test_serving_builds_the_graph_when_it_loads_a_backbone():
+    from workers.serving import Server
+
+    server = Server(allow_random=True, device="cpu", runners=1)
+    server.warm("mobilenetv3_small_100")
+    batcher = server._batcher("mobilenetv3_small_100")
+    try:
+        assert graphs.is_graph(graphs.built(batcher.backbone.model))  # before any request
+    finally:
+        batcher.close()
