@@ -12,8 +12,10 @@ of one thread 796-869 -> 899-957), with the same outputs to the last bit.
 and still work); a graph that fails to build, or whose outputs differ from the eager module's at
 two batch sizes, is not used: the forward stays eager and a warning is logged. CUDA forwards stay
 eager (autocast, cuDNN's own choices; not measured as graphs). A graph is built once per loaded
-backbone, on its first forward: 0.7 s (mobilenetv3_small_100) to 4.5 s (vit_small_patch16_224)
+backbone, on its first forward: 0.3 s (mobilenetv3_small_100) to 1.3 s (vit_small_patch16_224)
 on that VM, tracing and checks included; its weights are the eager module's tensors, not copies.
+Who asks for one: serving, when it loads a backbone; extraction, where it repays its build
+(`workers.extract.graphs_pay_off`).
 """
 
 from __future__ import annotations

@@ -84,3 +84,28 @@ def test_serving_builds_the_graph_when_it_loads_a_backbone():
         assert graphs.is_graph(graphs.built(batcher.backbone.model))  # before any request
     finally:
         batcher.close()
+
+
+def test_extraction_builds_a_graph_only_where_it_pays_for_itself(monkeypatch, small_zip):
+    import workers.extract
+    from workers.extract import extract, graphs_pay_off
+
+    assert graphs_pay_off("tf_efficientnet_lite0", 4096)
+    assert not graphs_pay_off("tf_efficientnet_lite0", 4095)
+    assert not graphs_pay_off("vit_tiny_patch16_224", 10**6)
+    loaded = []
+
+    def spy(*args, **kwargs):
+        bb = load_backbone(*args, **kwargs)
+        loaded.append(bb)
+        return bb
+
+    monkeypatch.setattr(workers.extract, "load_backbone", spy)
+    kw = dict(allow_random=True, weights_dir="/nonexistent")
+    small = extract(small_zip, "mobilenetv3_small_100", **kw)  # 12 images: eager
+    monkeypatch.setattr(workers.extract, "GRAPH_MIN_IMAGES", 12)
+    large = extract(small_zip, "mobilenetv3_small_100", **kw)
+    assert [bb.graphs for bb in loaded] == [False, True]
+    assert graphs.built(loaded[0].model) is None
+    assert graphs.is_graph(graphs.built(loaded[1].model))
+    assert torch.allclose(torch.from_numpy(large.X), torch.from_numpy(small.X), atol=1e-5)
