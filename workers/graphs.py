@@ -88,8 +88,10 @@ def _build(model: Any, input_size: tuple[int, int, int]) -> Any:
                 wants = module(x)
                 frozen(x)  # the profiling run; the graph used from the next call on is checked
                 for got, want in zip(frozen(x), wants, strict=True):
+                    if got.shape != want.shape:
+                        raise ValueError(f"shape {tuple(got.shape)} instead of {tuple(want.shape)}")
                     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
-                    if got.shape != want.shape or not err <= TOLERANCE:
+                    if not err <= TOLERANCE:  # NaN included
                         raise ValueError(f"outputs differ by {err:.1e} at batch {len(x)}")
     except Exception as exc:  # any failure: the eager forward is always right
         log.warning("%s: no TorchScript graph (%s); running eagerly", _name(model), exc)
