@@ -211,21 +211,6 @@ def extraction_key(ds: ImageDataset, backbone: str, wid: str, output: str) -> st
     )
 
 
-# A backbone's frozen graph (workers.graphs) costs its build once per loaded backbone and saves
-# a little per image. Measured in one process on this project's 2-core CPU VM, the pipeline with
-# and without it alternating (four rounds, medians): mobilenetv3_small_100 747 against 688
-# images/s, build 0.45 s; tf_efficientnet_lite0 145.8 against 142.3, build 0.8 s; vit_tiny
-# 61.6 against 62.2, build 0.9 s. A CNN's graph pays for itself from about 4000 images; a ViT's
-# not at all. (Serving always builds it: once per process, and its forwards run beside the event
-# loop.)
-GRAPH_MIN_IMAGES = 4096
-
-
-def graphs_pay_off(backbone: str, n_images: int) -> bool:
-    """Whether an extraction of `n_images` with `backbone`, loaded for it, runs a graph."""
-    return get_spec(backbone).family == "cnn" and n_images >= GRAPH_MIN_IMAGES
-
-
 def extract(
     data: str | os.PathLike | ImageDataset,
     backbone: str | Backbone,
@@ -247,8 +232,8 @@ def extract(
     """Embed every image of a dataset with a frozen backbone.
 
     data: a dataset path (see workers.datasets.open_dataset) or an open ImageDataset.
-    backbone: a catalogue name, or a Backbone already loaded (its weights decide the key;
-    its `graphs` whether the forward is a graph; loaded here, `graphs_pay_off` decides).
+    backbone: a catalogue name, or a Backbone already loaded (its weights decide the key, its
+    `graphs` whether the forward is a frozen graph; one loaded here runs eagerly).
     output: "pooled" (n, d), "feature_map" (n, C, H, W) or "tokens" (n, T, d).
     cache_dir: where results are kept by content hash; None computes without caching.
     batch_size, num_workers (decoding processes), num_threads (torch's, in this process),
@@ -289,7 +274,11 @@ def extract(
                 allow_random=allow_random,
                 allow_download=allow_download,
                 device=dev,
-                graphs=graphs_pay_off(name, len(ds)),
+                # Eager: a frozen graph (workers.graphs) did not repay its build here. Whole
+                # jobs of 4100 Fashion PNGs in fresh processes on the project's 2-core CPU VM,
+                # alternating: tf_efficientnet_lite0 31.3 / 31.7 s with the graph against
+                # 31.2 / 30.7 s without; mobilenetv3_small_100 7.5-7.8 against 7.7-8.0 s.
+                graphs=False,
             )
             if not key:  # weights fetched just now: only their digest names them
                 key = extraction_key(ds, name, bb.weights_id, output)

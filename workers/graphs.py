@@ -14,8 +14,8 @@ two batch sizes, is not used: the forward stays eager and a warning is logged. C
 eager (autocast, cuDNN's own choices; not measured as graphs). A graph is built once per loaded
 backbone, on its first forward: 0.3 s (mobilenetv3_small_100) to 1.3 s (vit_small_patch16_224)
 on that VM, tracing and checks included; its weights are the eager module's tensors, not copies.
-Who asks for one: serving, when it loads a backbone; extraction, where it repays its build
-(`workers.extract.graphs_pay_off`).
+Who asks for one: serving, when it loads a backbone (its forwards run beside the API's event
+loop). Extraction jobs run eagerly: whole jobs were no faster with a graph (workers.extract).
 """
 
 from __future__ import annotations

@@ -86,26 +86,21 @@ def test_serving_builds_the_graph_when_it_loads_a_backbone():
         batcher.close()
 
 
-def test_extraction_builds_a_graph_only_where_it_pays_for_itself(monkeypatch, small_zip):
+def test_an_extraction_that_loads_its_backbone_runs_it_eagerly(monkeypatch, small_zip):
     import workers.extract
-    from workers.extract import extract, graphs_pay_off
+    from workers.extract import extract
 
-    assert graphs_pay_off("tf_efficientnet_lite0", 4096)
-    assert not graphs_pay_off("tf_efficientnet_lite0", 4095)
-    assert not graphs_pay_off("vit_tiny_patch16_224", 10**6)
     loaded = []
 
     def spy(*args, **kwargs):
-        bb = load_backbone(*args, **kwargs)
-        loaded.append(bb)
-        return bb
+        loaded.append(load_backbone(*args, **kwargs))
+        return loaded[-1]
 
     monkeypatch.setattr(workers.extract, "load_backbone", spy)
-    kw = dict(allow_random=True, weights_dir="/nonexistent")
-    small = extract(small_zip, "mobilenetv3_small_100", **kw)  # 12 images: eager
-    monkeypatch.setattr(workers.extract, "GRAPH_MIN_IMAGES", 12)
-    large = extract(small_zip, "mobilenetv3_small_100", **kw)
-    assert [bb.graphs for bb in loaded] == [False, True]
+    eager = extract(small_zip, "mobilenetv3_small_100", allow_random=True)
+    assert [bb.graphs for bb in loaded] == [False]
     assert graphs.built(loaded[0].model) is None
-    assert graphs.is_graph(graphs.built(loaded[1].model))
-    assert torch.allclose(torch.from_numpy(large.X), torch.from_numpy(small.X), atol=1e-5)
+    given = load_backbone("mobilenetv3_small_100", allow_random=True, weights_dir="/nonexistent")
+    graphed = extract(small_zip, given)  # a Backbone passed in keeps its own setting
+    assert graphs.is_graph(graphs.built(given.model))
+    assert torch.allclose(torch.from_numpy(graphed.X), torch.from_numpy(eager.X), atol=1e-5)
