@@ -503,13 +503,19 @@ def fused(model: Any, input_size: tuple[int, int, int]) -> Any:
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want, got = model(x), candidate(x)
-    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    err = relative_error(got, want)
     if err > FUSE_TOLERANCE:
         logging.getLogger("cvxtune.backbones").warning(
             "BatchNorm folding changed the outputs by %.1e; using the unfused model", err
         )
         return model
     return candidate
+
+
+def relative_error(got: Any, want: Any) -> float:
+    """The largest difference of two outputs, relative to the largest entry of `want`
+    (NaN when either holds one). How a rewritten network is checked against the original."""
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
 def _after_norm(bn: Any) -> Any:

@@ -54,20 +54,24 @@ DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 128}
 # ---------------------------------------------------------------- forward
 
 
-def forward(bb: Backbone, x: Any, output: str) -> Any:
-    """One batch through the frozen backbone; returns the requested output in float32.
-
-    On the CPU the network runs as a frozen TorchScript graph (`workers.graphs`) unless the
-    backbone was loaded with `graphs=False`; on CUDA eagerly, under autocast."""
-    import torch
-
+def network(bb: Backbone) -> Any:
+    """What `forward` runs, x -> (features, pooled): on the CPU the backbone's frozen
+    TorchScript graph (`workers.graphs`, built on the first call) unless it was loaded with
+    `graphs=False`; otherwise the eager module (on CUDA under `forward`'s autocast)."""
     from workers import graphs
 
-    autocast = bb.device.type == "cuda"
     if bb.graphs and bb.device.type == "cpu":
-        net = graphs.graph(bb.model, bb.spec.input_size)
-    else:
-        net = graphs.Forward(bb.model)
+        return graphs.graph(bb.model, bb.spec.input_size)
+    return graphs.Forward(bb.model)
+
+
+def forward(bb: Backbone, x: Any, output: str) -> Any:
+    """One batch through the frozen backbone (`network`); returns the requested output in
+    float32."""
+    import torch
+
+    net = network(bb)
+    autocast = bb.device.type == "cuda"
     dtype = torch.bfloat16 if autocast and torch.cuda.is_bf16_supported() else torch.float16
     with torch.autocast(bb.device.type, dtype=dtype, enabled=autocast):
         # CNN features (B, C, H, W); ViT features (B, T, d); pooled (B, d)

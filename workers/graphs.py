@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from workers.backbones import relative_error
+
 log = logging.getLogger("cvxtune.backbones")
 
 # Outputs of the graph and the eager module may differ by at most this, relative to the largest
@@ -90,7 +92,7 @@ def _build(model: Any, input_size: tuple[int, int, int]) -> Any:
                 for got, want in zip(frozen(x), wants, strict=True):
                     if got.shape != want.shape:
                         raise ValueError(f"shape {tuple(got.shape)} instead of {tuple(want.shape)}")
-                    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+                    err = relative_error(got, want)
                     if not err <= TOLERANCE:  # NaN included
                         raise ValueError(f"outputs differ by {err:.1e} at batch {len(x)}")
     except Exception as exc:  # any failure: the eager forward is always right

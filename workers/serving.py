@@ -277,7 +277,7 @@ class Server:
     def _batcher(self, backbone: str) -> Batcher:
         def load() -> Batcher:
             from workers.backbones import load_backbone
-            from workers.extract import embed_images
+            from workers.extract import embed_images, network
             from workers.preprocessing import BatchPreprocessor
 
             bb = load_backbone(
@@ -286,10 +286,7 @@ class Server:
                 allow_random=self.allow_random,
                 device=self.device,
             )
-            if bb.graphs and bb.device.type == "cpu":
-                from workers.graphs import graph
-
-                graph(bb.model, bb.spec.input_size)  # built now, not in the first request
+            network(bb)  # a CPU backbone's graph is built now, not in the first request
 
             pad, size = self.fixed_shapes, self.max_batch
             per_runner = threading.local()  # each runner thread keeps its own preprocessor
