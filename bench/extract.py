@@ -4,13 +4,13 @@
     python bench/extract.py --backbones tf_efficientnet_lite0 --n 1024
 
 "bare": the model alone on already decoded, normalised tensors in memory, best over batch sizes,
-memory formats (contiguous NCHW vs channels_last) and ways of running (the frozen graph that
-extraction runs, workers.graphs, or the eager module). "pipeline": workers.extract.extract on a
-zip of real Fashion-MNIST PNGs (read, decode, resize+crop, normalise, forward, write rows), with
-no cache, timed from the start of the loader to the last row; "end to end" adds opening and
-validating the archive, hashing it and loading the model. Bare and pipeline runs alternate, and
-each keeps its best of --repeats, so a busy machine slows both alike. Results are printed and
-saved as JSON (bench/results/extract.json).
+memory formats (contiguous NCHW vs channels_last) and ways of running (a frozen graph,
+workers.graphs, or the eager module that extraction jobs run). "pipeline": workers.extract.extract
+on a zip of real Fashion-MNIST PNGs (read, decode, resize+crop, normalise, forward, write rows),
+with no cache, timed from the start of the loader to the last row; "end to end" adds opening and
+validating the archive, hashing it and loading the model. Bare and pipeline runs alternate, and each
+keeps its best of --repeats, so a busy machine slows both alike. Results are printed and saved as
+JSON (bench/results/extract.json).
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ def bench_backbone(name: str, data: Path, args) -> dict:
     load_s = time.perf_counter() - t0
     x = decoded_tensors(data, bb.spec.preprocessing)
     print(f"{name}: weights {bb.source.kind}, loaded in {load_s:.1f}s", flush=True)
-    # The forward extraction runs (a frozen graph, workers.graphs) in both layouts, and the
-    # eager module in channels_last: the best of them is the reference.
+    # The frozen graph (workers.graphs) in both layouts and the eager module, which extraction
+    # jobs run, in channels_last: the best of them is the reference.
     models = {
         "channels_last": bb,
         "contiguous": as_contiguous(bb),
